@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    build the demo model, export it into models/, serve it on 127.0.0.1:8000
+#   make test   lint and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	# torch is pinned to the CPU build (==2.13.0) in pyproject.toml; never a CUDA build.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/python -m export demo --repository models
+	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

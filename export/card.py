@@ -1,0 +1,111 @@
+"""The model card (model.json) and the export report: the export side of the repository contract.
+
+models/README.md documents the format; the service reads it with its own schema and never
+imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_FORMAT = "bnserve.model-card/1"
+
+Statistics = Literal["running", "recalibrated", "calibrated", "instance"]
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str = Field(description="KServe v2 datatype, e.g. FP32")
+    shape: list[int] = Field(description="-1 for dynamic dimensions; axis 0 is the batch")
+    labels: list[str] | None = Field(default=None, description="class names along the last axis")
+
+
+class BatchNormLayer(BaseModel):
+    name: str = Field(description="PyTorch module path (e.g. layer1.0.bn1) or ONNX-derived name")
+    onnx_node: str = Field(description="the BatchNormalization node in reference.onnx")
+    channels: int
+    eps: float
+    momentum: float | None = Field(description="PyTorch convention; None for cumulative average")
+    num_batches_tracked: int | None = None
+    track_running_stats: bool | None = None
+    affine: bool | None = None
+    statistics: Statistics = Field(
+        description="running: stored stats; recalibrated/calibrated: exact population stats "
+        "computed at export; instance: each sample normalized with its own stats"
+    )
+    removed_by: str = Field(description="folded_into_conv | folded_into_conv_transpose | ...")
+    folded_into: str | None = Field(default=None, description="ONNX node that absorbed it")
+    note: str | None = Field(default=None, description="why a weaker rewrite was needed")
+
+
+class AffineFoldRecord(BaseModel):
+    node: str
+    op_type: str
+    into: str
+
+
+class Verification(BaseModel):
+    oracle: Literal["pytorch-eval", "reference.onnx"]
+    samples: int
+    parity_max_abs_error: float
+    parity_rel_error: float = Field(description="max |onnx - oracle| / max |oracle|")
+    reference_rel_error: float | None = Field(
+        default=None, description="reference.onnx against the PyTorch oracle, same measure"
+    )
+    batch_independence_rel_error: float = Field(
+        description="max |sample alone - sample in batch| / max |output| over checked samples"
+    )
+    batch_independence_bitwise: bool
+    batch_norm_nodes_left: int
+    source_model_untouched: bool | None = Field(
+        default=None, description="the caller's training flags and state_dict, bit for bit"
+    )
+    tolerances: dict[str, float]
+    execution_provider: str
+
+
+class FileRecord(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["bnserve.model-card/1"] = CARD_FORMAT
+    name: str
+    version: int
+    created: str = Field(description="UTC, ISO 8601")
+    description: str | None = None
+    source: Literal["pytorch", "onnx"]
+    producer: dict[str, str] = Field(description="versions of the tools that made this entry")
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batch_norm: list[BatchNormLayer]
+    affine_folds: list[AffineFoldRecord] = []
+    verification: Verification
+    files: dict[str, FileRecord]
+    samples: list[str] = Field(default=[], description="v2 request bodies under samples/")
+    serving: dict[str, object] | None = Field(
+        default=None, description="optional service settings such as dynamic batching"
+    )
+
+
+class ExportReport(ModelCard):
+    """What `export_model`/`fold_onnx` did: the card as written, plus where and any warnings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    warnings: list[str] = []
+    seconds: float
+
+    @property
+    def layers(self) -> list[BatchNormLayer]:
+        return self.batch_norm
+
+    def card(self) -> ModelCard:
+        return ModelCard.model_validate(self.model_dump(include=set(ModelCard.model_fields)))

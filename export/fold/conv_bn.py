@@ -1,0 +1,30 @@
+"""Rule 1: a per-channel affine after Conv (1d/2d/3d, any stride, dilation and groups, with or
+without bias) folds into the Conv's weight and bias.
+
+Conv's weight is (Cout, Cin/groups, k...), so output channel o is scaled by scaling W[o] and
+the bias becomes bias * a + b. Groups do not matter: each output channel has its own filter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import Graph
+
+
+def scale_conv_output(graph: Graph, conv: onnx.NodeProto, a: np.ndarray, b: np.ndarray) -> bool:
+    """Rewrite `conv` to compute a * conv(x) + b per output channel; False if it cannot be."""
+    weight = graph.constant(conv.input[1])
+    if weight is None or weight.ndim < 3:
+        return False
+    bias = graph.optional_constant(conv, 2, np.zeros(weight.shape[0], weight.dtype))
+    if bias is None:
+        return False
+    channels = weight.shape[0]
+    a, b = np.broadcast_to(a, (channels,)), np.broadcast_to(b, (channels,))
+    new_weight = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))
+    new_bias = bias.astype(np.float64) * a + b
+    graph.set_input(conv, 1, new_weight.astype(weight.dtype))
+    graph.set_input(conv, 2, new_bias.astype(weight.dtype))
+    return True

@@ -1,0 +1,38 @@
+"""Rule 2: a per-channel affine after ConvTranspose folds into its weight and bias.
+
+ConvTranspose's weight is (Cin, Cout/groups, k...): output channel o = g * (Cout/groups) + j is
+made by W[:, j] of group g, so the scale goes on axis 1, group by group, not on axis 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import Graph, attribute
+
+
+def scale_conv_transpose_output(
+    graph: Graph, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray
+) -> bool:
+    """Rewrite `node` to compute a * conv_transpose(x) + b per output channel."""
+    weight = graph.constant(node.input[1])
+    if weight is None or weight.ndim < 3:
+        return False
+    groups = int(attribute(node, "group", 1))
+    if weight.shape[0] % groups:
+        return False
+    per_group = weight.shape[1]
+    channels = groups * per_group
+    bias = graph.optional_constant(node, 2, np.zeros(channels, weight.dtype))
+    if bias is None:
+        return False
+    a, b = np.broadcast_to(a, (channels,)), np.broadcast_to(b, (channels,))
+    kernel = weight.shape[2:]
+    grouped = weight.astype(np.float64).reshape((groups, -1, per_group, *kernel))
+    scale = a.reshape((groups, 1, per_group) + (1,) * len(kernel))
+    new_weight = (grouped * scale).reshape(weight.shape)
+    new_bias = bias.astype(np.float64) * a + b
+    graph.set_input(node, 1, new_weight.astype(weight.dtype))
+    graph.set_input(node, 2, new_bias.astype(weight.dtype))
+    return True

@@ -1,0 +1,40 @@
+"""Shared fixtures. The demo repository is built once per session through the real CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run `python -m <args>` as a user would, with the project and tests importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory) -> Path:
+    """A model repository holding models/digits/1, made by `python -m export demo`."""
+    repo = tmp_path_factory.mktemp("repository")
+    result = run_cli("export", "demo", "--repository", str(repo))
+    assert result.returncode == 0, result.stderr
+    return repo
