@@ -38,3 +38,26 @@ def demo_repository(tmp_path_factory) -> Path:
     result = run_cli("export", "demo", "--repository", str(repo))
     assert result.returncode == 0, result.stderr
     return repo
+
+
+@pytest.fixture(scope="session")
+def digits_server(demo_repository):
+    """`python -m service` serving the demo repository on 127.0.0.1."""
+    from servers import ServiceProcess
+
+    with ServiceProcess(demo_repository, "--log-format", "json") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def digits_samples(demo_repository) -> dict:
+    """The demo's sample batches (v2 request bodies) as numpy arrays, by name."""
+    import numpy as np
+    import orjson
+
+    folder = demo_repository / "digits" / "1" / "samples"
+    samples = {}
+    for path in folder.glob("*.json"):
+        tensor = orjson.loads(path.read_bytes())["inputs"][0]
+        samples[path.stem] = np.array(tensor["data"], np.float32).reshape(tensor["shape"])
+    return samples

@@ -1,0 +1,144 @@
+"""The FastAPI application: wiring of settings, registry, services, routers and error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .config import Settings
+from .errors import ServiceError
+from .inference import InferenceService
+from .metrics import Metrics
+from .middleware import RequestContextMiddleware
+from .protocol.schemas import InferenceRequest
+from .registry import ModelRegistry
+from .repository import ModelRepository, VersionPolicy
+from .routers import health, infer, metrics, models, repository
+from .runtime import SessionFactory
+from .state import Services
+
+log = logging.getLogger("bnserve.app")
+
+
+def build_services(settings: Settings) -> Services:
+    metrics_ = Metrics()
+    factory = SessionFactory(settings.providers, settings.device_id, settings.intra_op_threads)
+    registry = ModelRegistry(
+        ModelRepository(settings.repository),
+        factory,
+        VersionPolicy(settings.version_policy),
+        on_state=metrics_.set_model_state,
+    )
+    inference = InferenceService(registry, settings, metrics_)
+    return Services(settings=settings, metrics=metrics_, registry=registry, inference=inference)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    s = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background: /v2/health/live answers at once, ready turns true after.
+        loader = asyncio.create_task(_start(s))
+        poller = asyncio.create_task(_poll(s)) if settings.poll_interval > 0 else None
+        try:
+            yield
+        finally:
+            s.draining = True
+            for task in (loader, poller):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await s.registry.close()
+
+    app = FastAPI(
+        title="bnserve",
+        version=__version__,
+        description="KServe v2 inference over ONNX Runtime for models whose BatchNorm layers "
+        "were folded exactly at export, with a BatchNorm stat-drift debug endpoint.",
+        lifespan=lifespan,
+    )
+    app.state.services = s
+    for router in (health.router, models.router, infer.router, repository.router, metrics.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body=settings.max_request_bytes,
+        metrics=s.metrics,
+        known_model=lambda name: name in s.registry.names(),
+    )
+    return app
+
+
+async def _start(s: Services) -> None:
+    try:
+        await s.registry.load_all()
+    except Exception:
+        log.exception("loading the model repository failed")
+    s.started = True
+    log.info("ready: %d model(s) loaded", len(s.registry.loaded_models()))
+
+
+async def _poll(s: Services) -> None:
+    while True:
+        await asyncio.sleep(s.settings.poll_interval)
+        try:
+            changed = await s.registry.poll()
+        except Exception:
+            log.exception("repository poll failed")
+            continue
+        if changed:
+            log.info("repository poll reloaded %s", changed)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError):
+        return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        return JSONResponse({"error": f"invalid request: {problems}"}, 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = "no such endpoint; expected a KServe v2 path such as /v2/models/{name}/infer"
+        elif exc.status_code == 405:
+            message = f"method not allowed on this path ({message})"
+        return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, 500)
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        defs = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(defs.pop("$defs", {}))
+        components["InferenceRequest"] = defs
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,47 @@
+"""Service settings: command-line flags, or environment variables prefixed BNSERVE_."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BNSERVE_", extra="ignore")
+
+    repository: Path = Field(Path("models"), description="model repository (read-only is fine)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    providers: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA EP when it really runs, else CPU EP"
+    )
+    device_id: int = Field(0, ge=0, description="CUDA device for the CUDA EP")
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 = physical cores")
+    inference_threads: int = Field(
+        0, ge=0, description="threads that run sessions off the event loop; 0 = one per model"
+    )
+    version_policy: str = Field(
+        "latest", description="latest | all | specific:1,3 — which versions each model serves"
+    )
+    poll_interval: float = Field(
+        0.0, ge=0, description="seconds between repository polls for new versions; 0 = off"
+    )
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies: 413")
+    max_json_depth: int = Field(8, ge=2, description="deeper JSON nesting is refused with 400")
+    request_timeout: float = Field(30.0, gt=0, description="seconds; slower requests get 504")
+    max_queue_size: int = Field(256, ge=1, description="waiting requests per model before 503")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight across all models")
+    max_batch_size: int = Field(0, ge=0, description="dynamic batching default; 0 = off")
+    max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching wait")
+    reject_nonfinite: bool = Field(True, description="400 for NaN/Inf inputs")
+    debug_endpoints: bool = Field(True, description="stat-drift endpoints; off = 404")
+    debug_token: SecretStr | None = Field(None, description="bearer token for debug endpoints")
+    admin_token: SecretStr | None = Field(None, description="bearer token for repository API")
+    drift_warn: float = Field(0.25, gt=0, description="stat-drift: warn threshold")
+    drift_alert: float = Field(1.0, gt=0, description="stat-drift: drift threshold")
+    graceful_timeout: float = Field(20.0, ge=0, description="seconds to drain on SIGTERM")
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"

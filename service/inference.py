@@ -1,0 +1,81 @@
+"""Inference as a plain class: request bytes in, response bytes out, no HTTP in sight.
+
+Order of checks: the model (404/503), then the body against the model's signature (400), then
+admission (503 when too many requests are in flight), then the run (504 past the timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from .config import Settings
+from .errors import GatewayTimeout, Unavailable
+from .metrics import Metrics
+from .model import LoadedModel
+from .protocol.codec import DecodedRequest, decode_request, encode_response, parse_request
+from .registry import ModelRegistry
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+        # Each element takes at least one byte of body, binary or JSON.
+        self.max_elements = settings.max_request_bytes
+
+    def decode(self, model: LoadedModel, body: bytes, header_length: str | None) -> DecodedRequest:
+        request, binary = parse_request(body, header_length)
+        return decode_request(
+            request,
+            binary,
+            model.inputs,
+            model.outputs,
+            max_elements=self.max_elements,
+            reject_nonfinite=self.settings.reject_nonfinite,
+        )
+
+    async def infer(
+        self, model_name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> tuple[bytes, dict[str, str]]:
+        model = self.registry.get(model_name, version)
+        with model.use():
+            decoded = self.decode(model, body, header_length)
+            results = await self.run(model, decoded.tensors, decoded.batch_size)
+            return encode_response(
+                model_name=model.name,
+                model_version=str(model.version),
+                request_id=decoded.request.id,
+                results=results,
+                requested=decoded.outputs,
+                labels=model.labels,
+            )
+
+    async def run(
+        self, model: LoadedModel, tensors: dict[str, np.ndarray], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """Run one request's tensors, bounded in concurrency and time."""
+        if self.in_flight >= self.settings.max_concurrency:
+            self.metrics.rejected.labels(model.name, "concurrency").inc()
+            raise Unavailable(
+                f"{self.in_flight} requests are in flight, the limit "
+                f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
+            )
+        self.in_flight += 1
+        self.metrics.request_batch_size.labels(model.name).observe(batch_size)
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(model.run(tensors), self.settings.request_timeout)
+        except TimeoutError:
+            self.metrics.rejected.labels(model.name, "timeout").inc()
+            raise GatewayTimeout(
+                f"inference on model '{model.name}' took longer than "
+                f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT); abandoned"
+            ) from None
+        finally:
+            self.in_flight -= 1
+            self.metrics.compute_time.labels(model.name).observe(time.perf_counter() - started)

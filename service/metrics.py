@@ -1,0 +1,67 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_STATES = ("READY", "LOADING", "UNAVAILABLE")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "bnserve_requests_total", "Requests by endpoint, model and status code",
+            ["endpoint", "model", "code"], registry=r,
+        )  # fmt: skip
+        self.failures = Counter(
+            "bnserve_request_failures_total", "Failed requests by model and reason",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "bnserve_rejected_requests_total",
+            "Requests refused before running (queue_full, concurrency, timeout, too_large)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "bnserve_request_duration_seconds", "End-to-end request latency in the server",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "bnserve_queue_duration_seconds", "Time a request waits before its batch runs",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_time = Histogram(
+            "bnserve_compute_duration_seconds", "ONNX Runtime session.run time per batch",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "bnserve_batch_size", "Samples per executed batch", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_batch_size = Histogram(
+            "bnserve_request_batch_size", "Samples per request", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("bnserve_requests_in_flight", "Requests being handled", registry=r)
+        self.model_state = Gauge(
+            "bnserve_model_state",
+            "1 for the state each model version is in (READY, LOADING, UNAVAILABLE)",
+            ["model", "version", "state"], registry=r,
+        )  # fmt: skip
+
+    def set_model_state(self, model: str, version: int, state: str) -> None:
+        """Record a version's state; RETIRED (replaced or unloaded) drops its series."""
+        for known in MODEL_STATES:
+            if state == "RETIRED":
+                with contextlib.suppress(KeyError):
+                    self.model_state.remove(model, str(version), known)
+            else:
+                self.model_state.labels(model, str(version), known).set(int(state == known))

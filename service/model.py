@@ -1,0 +1,97 @@
+"""One served model version: its ORT session, metadata, and the thread that runs it.
+
+Sessions run off the event loop on the model's own worker thread. A version that is replaced
+(hot reload) is retired: requests already holding it finish on it, and its thread stops once
+the last of them is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+
+from .card import ModelCard
+from .protocol.datatypes import ORT_TO_V2
+from .protocol.schemas import TensorMetadata
+from .repository import ModelLoadError, VersionFiles
+from .runtime import SessionFactory, provider_of
+
+
+class LoadedModel:
+    def __init__(self, files: VersionFiles, factory: SessionFactory) -> None:
+        self.name = files.name
+        self.version = files.version
+        self.files = files
+        self.card: ModelCard = files.card
+        try:
+            self.session: ort.InferenceSession = factory.create(files.model_path)
+        except Exception as exc:
+            raise ModelLoadError(f"ONNX Runtime cannot load model.onnx: {exc}") from exc
+        self.provider = provider_of(self.session)
+        self.inputs = self.card.inputs
+        self.outputs = self.card.outputs
+        self.labels = self.card.labels()
+        self._check_signature()
+        self.output_names = [o.name for o in self.outputs]
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.name}-{self.version}")
+        self._users = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        self.extensions: dict[str, object] = {}  # e.g. the stat-drift analyzer
+
+    def _check_signature(self) -> None:
+        """model.json and model.onnx must agree, or requests would be checked against a lie."""
+        for kind, cards, metas in (
+            ("input", self.inputs, self.session.get_inputs()),
+            ("output", self.outputs, self.session.get_outputs()),
+        ):
+            actual = {m.name: ORT_TO_V2.get(m.type, m.type) for m in metas}
+            declared = {c.name: c.datatype for c in cards}
+            if actual != declared:
+                raise ModelLoadError(
+                    f"model.json {kind}s {declared} do not match model.onnx {kind}s {actual}"
+                )
+
+    def metadata(self, kind: str) -> list[TensorMetadata]:
+        return self.inputs if kind == "inputs" else self.outputs
+
+    def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self.output_names, tensors)
+        return dict(zip(self.output_names, results, strict=True))
+
+    async def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.run_sync, tensors)
+
+    @contextlib.contextmanager
+    def use(self):
+        """Hold this version for one request; a retired version closes after its last user."""
+        with self._lock:
+            self._users += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._users -= 1
+                close = self._retired and self._users == 0
+            if close:
+                self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        self.executor.shutdown(wait=False)
+        for extension in self.extensions.values():
+            closer = getattr(extension, "close", None)
+            if closer:
+                closer()

@@ -1,0 +1,128 @@
+"""Pydantic schemas of the v2 REST API: the documented contract (OpenAPI) and request parsing.
+
+Tensor data is typed loosely here (any JSON array) and checked against the model by the codec,
+so a wrong element type gets an error that names the input and the expected datatype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Parameters = dict[str, Any]
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BF16", "BYTES",
+]  # fmt: skip
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=256)
+    shape: list[int] = Field(max_length=16, description="full shape, batch axis first")
+    datatype: Datatype
+    parameters: Parameters | None = Field(
+        default=None, description="binary_data_size: bytes of this tensor in the binary part"
+    )
+    data: list[Any] | None = Field(
+        default=None, description="row-major elements, flat or nested; omitted when binary"
+    )
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=256)
+    parameters: Parameters | None = Field(
+        default=None, description="binary_data: bool; classification: top-k as BYTES"
+    )
+
+
+class InferenceRequest(BaseModel):
+    """A v2 inference request. With the binary tensor data extension the body is this JSON
+    (its length in the Inference-Header-Content-Length header) followed by raw tensors."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(default=None, max_length=256)
+    parameters: Parameters | None = Field(
+        default=None, description="binary_data_output: bool (all outputs binary)"
+    )
+    inputs: list[RequestInput] = Field(min_length=1, max_length=64)
+    outputs: list[RequestOutput] | None = Field(default=None, max_length=64)
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong and what was expected")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    version: str | None = None
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: Datatype
+    shape: list[int]
+    labels: list[str] | None = None
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: Parameters = Field(
+        default_factory=dict,
+        description="bnserve: execution_provider, state, batch_norm layers, verification",
+    )
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: bool = False
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str | None = None
+    state: Literal["READY", "LOADING", "UNAVAILABLE", "UNLOADING"]
+    reason: str = ""
+
+
+class RepositoryLoadRequest(BaseModel):
+    parameters: Parameters | None = None

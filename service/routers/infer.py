@@ -1,0 +1,55 @@
+"""POST /v2/models/{model}[/versions/{version}]/infer: JSON or binary tensor data."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from ..protocol.codec import HEADER_LENGTH
+from ..protocol.schemas import ErrorResponse, InferenceResponse
+from ..state import Services, ServicesDep
+
+router = APIRouter(tags=["inference"])
+
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A v2 inference request. With the binary tensor data extension, the JSON "
+        "header is followed by raw tensor bytes and its length is sent in the "
+        "Inference-Header-Content-Length header.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
+        },
+    }
+}
+RESPONSES = {
+    200: {"model": InferenceResponse, "description": "outputs (JSON, or JSON + binary)"},
+    400: {"model": ErrorResponse, "description": "the request does not fit the model"},
+    404: {"model": ErrorResponse, "description": "unknown model or version"},
+    413: {"model": ErrorResponse, "description": "body over BNSERVE_MAX_REQUEST_BYTES"},
+    503: {"model": ErrorResponse, "description": "not ready, or overloaded (Retry-After)"},
+    504: {"model": ErrorResponse, "description": "past BNSERVE_REQUEST_TIMEOUT"},
+}
+
+
+async def _infer(s: Services, request: Request, name: str, version: str | None) -> Response:
+    body = await request.body()
+    content, headers = await s.inference.infer(
+        name, version, body, request.headers.get(HEADER_LENGTH)
+    )
+    return Response(content, headers=headers)
+
+
+@router.post("/v2/models/{model_name}/infer", openapi_extra=REQUEST_BODY, responses=RESPONSES)
+async def infer(model_name: str, request: Request, s: ServicesDep) -> Response:
+    return await _infer(s, request, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    openapi_extra=REQUEST_BODY,
+    responses=RESPONSES,
+)
+async def infer_version(
+    model_name: str, model_version: str, request: Request, s: ServicesDep
+) -> Response:
+    return await _infer(s, request, model_name, model_version)

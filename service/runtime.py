@@ -1,0 +1,89 @@
+"""ONNX Runtime sessions in deterministic eval mode, on CUDA when it really runs, else CPU.
+
+onnxruntime-gpu lists CUDAExecutionProvider as available whenever it is installed, and falls
+back to CPU, with only a log line, when CUDA or cuDNN libraries are missing. So the provider a
+session reports (`get_providers()[0]`) is what the service logs and shows in model metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger("bnserve.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class SessionFactory:
+    providers: str = "auto"  # auto | cuda | cpu
+    device_id: int = 0
+    intra_op_threads: int = 0
+    _cuda_libraries_loaded: bool = False
+
+    def options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Deterministic kernels where ORT has a choice (CUDA reductions, scatter, ...).
+        options.use_deterministic_compute = True
+        # Spinning threads would starve each other with several sessions on few cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        return options
+
+    def provider_chain(self) -> list:
+        if self.providers == "cpu" or CUDA not in ort.get_available_providers():
+            return [CPU]
+        self._load_cuda_libraries()
+        cuda_options = {
+            "device_id": str(self.device_id),
+            # No benchmarking search: EXHAUSTIVE may pick a different algorithm run to run.
+            "cudnn_conv_algo_search": "DEFAULT",
+            # TF32 would round float32 matmuls/convs to a 10-bit mantissa: not eval-exact.
+            "use_tf32": "0",
+        }
+        return [(CUDA, cuda_options), CPU]
+
+    def create(self, model: Path | bytes) -> ort.InferenceSession:
+        source = str(model) if isinstance(model, Path) else model
+        session = ort.InferenceSession(source, self.options(), providers=self.provider_chain())
+        actual = session.get_providers()[0]
+        if self.providers == "cuda" and actual != CUDA:
+            raise RuntimeError(
+                "BNSERVE_PROVIDERS=cuda but the CUDA execution provider did not start "
+                f"(session runs on {actual}); check the CUDA 13 and cuDNN 9 libraries"
+            )
+        return session
+
+    def _load_cuda_libraries(self) -> None:
+        """Load CUDA/cuDNN from pip's nvidia-* packages when they are installed."""
+        if self._cuda_libraries_loaded:
+            return
+        self._cuda_libraries_loaded = True
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception as exc:  # system libraries may still be there
+                log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def provider_of(session: ort.InferenceSession) -> str:
+    return session.get_providers()[0]
