@@ -7,6 +7,8 @@ session reports (`get_providers()[0]`) is what the service logs and shows in mod
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -32,7 +34,6 @@ class SessionFactory:
     providers: str = "auto"  # auto | cuda | cpu
     device_id: int = 0
     intra_op_threads: int = 0
-    _cuda_libraries_loaded: bool = False
 
     def options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -49,9 +50,13 @@ class SessionFactory:
         return options
 
     def provider_chain(self) -> list:
-        if self.providers == "cpu" or CUDA not in ort.get_available_providers():
+        if self.providers == "cpu":
             return [CPU]
-        self._load_cuda_libraries()
+        reason = cuda_unusable_reason()
+        if reason is not None:
+            if self.providers == "cuda":
+                raise RuntimeError(f"BNSERVE_PROVIDERS=cuda but CUDA cannot run: {reason}")
+            return [CPU]
         cuda_options = {
             "device_id": str(self.device_id),
             # No benchmarking search: EXHAUSTIVE may pick a different algorithm run to run.
@@ -72,17 +77,38 @@ class SessionFactory:
             )
         return session
 
-    def _load_cuda_libraries(self) -> None:
-        """Load CUDA/cuDNN from pip's nvidia-* packages when they are installed."""
-        if self._cuda_libraries_loaded:
-            return
-        self._cuda_libraries_loaded = True
-        preload = getattr(ort, "preload_dlls", None)
-        if preload is not None:
-            try:
-                preload()
-            except Exception as exc:  # system libraries may still be there
-                log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+@functools.cache
+def cuda_unusable_reason() -> str | None:
+    """Why the CUDA EP cannot run here, or None if it can be tried.
+
+    Asking ORT for CUDA without a driver or libraries makes it log errors and fall back, so
+    probe first: a driver with a device, then the CUDA EP library with all its dependencies
+    (CUDA 13, cuDNN 9), after loading them from pip's nvidia-* packages where installed.
+    """
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider"
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver (libcuda.so.1 not found)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "the NVIDIA driver reports no usable device"
+    if count.value == 0:
+        return "no CUDA device"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # system-wide libraries may still be there
+            log.debug("onnxruntime.preload_dlls: %s", exc)
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return f"CUDA/cuDNN libraries missing ({exc})"
+    return None
 
 
 def provider_of(session: ort.InferenceSession) -> str:

@@ -43,7 +43,7 @@ def demo_repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_server(demo_repository):
     """`python -m service` serving the demo repository on 127.0.0.1."""
-    from servers import ServiceProcess
+    from service.launcher import ServiceProcess
 
     with ServiceProcess(demo_repository, "--log-format", "json") as server:
         yield server

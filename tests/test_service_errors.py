@@ -12,7 +12,7 @@ import orjson
 import pytest
 from onnx import helper
 from onnx_builders import const, model, rand
-from servers import ServiceProcess
+from service.launcher import ServiceProcess
 
 from export import fold_onnx
 

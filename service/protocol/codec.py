@@ -125,6 +125,10 @@ def decode_request(
             raise BadRequest(
                 f"input '{item.name}' has neither data nor binary_data_size; expected one"
             )
+        elif not isinstance(item.data, list):
+            raise BadRequest(
+                f"input '{item.name}' data is a {type(item.data).__name__}; expected an array"
+            )
         else:
             array = _from_json(item.name, item.data, item.datatype, count)
         array = array.reshape(item.shape)

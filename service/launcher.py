@@ -1,4 +1,5 @@
-"""A real `python -m service` on 127.0.0.1 for end-to-end tests: started, awaited, stopped."""
+"""Run `python -m service` as a child process and wait until it is ready: for tests,
+benchmarks and scripts that need a real server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +28,7 @@ class ServiceProcess:
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bnserve-{self.port}.log"
+        self.log_path = Path(tempfile.gettempdir()) / f"bnserve-{self.port}.log"
         self.log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in stop()
         full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
         command = [
@@ -35,14 +37,22 @@ class ServiceProcess:
         ]  # fmt: skip
         self.process = subprocess.Popen(command, env=full_env, stdout=self.log, stderr=self.log)
 
+    def status(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
     def wait_ready(self, timeout: float = 60.0) -> ServiceProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited early:\n{self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
+            if self.status("/v2/health/ready") == 200:
+                return self
             time.sleep(0.1)
         raise TimeoutError(f"service not ready after {timeout} s:\n{self.output()}")
 
@@ -59,11 +69,16 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
+        with contextlib.suppress(OSError):
+            self.log.close()
         return self.process.returncode
 
     def __enter__(self) -> ServiceProcess:
-        return self.wait_ready()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

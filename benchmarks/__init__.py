@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables (python -m benchmarks.serving, benchmarks.load)."""

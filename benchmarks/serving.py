@@ -1,0 +1,135 @@
+"""Latency of one request, side by side in one run: in-process ONNX Runtime session.run vs the
+service over HTTP with binary tensors vs the service with JSON tensors (and the stat-drift
+endpoint), on a ResNet-18-sized CNN at 224x224, batch 1 and 8. Prints a table.
+
+    python -m benchmarks.serving [--repository artifacts/bench] [--rounds 3]
+
+The service runs as a real `python -m service` process on 127.0.0.1. The client keeps one
+connection open and sends bodies encoded in advance, so the figures are the service's cost
+(transport, parsing, validation, run, encoding), not the client library's. Blocks of the three
+ways alternate round by round, so drift on a noisy machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from benchmarks.resnet import export_benchmark_model
+from service.launcher import ServiceProcess
+from service.runtime import SessionFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q))
+
+
+def binary_body(x: np.ndarray, name: str) -> tuple[bytes, dict]:
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": name, "shape": list(x.shape), "datatype": "FP32",
+                 "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    )  # fmt: skip
+    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
+
+
+def json_body(x: np.ndarray, name: str) -> tuple[bytes, dict]:
+    body = {
+        "inputs": [
+            {"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1)}
+        ]
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), {
+        "content-type": "application/json"
+    }
+
+
+def time_calls(call, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "bench")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=30, help="per block at batch 1")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--no-drift", action="store_true", help="skip the stat-drift column")
+    args = parser.parse_args(argv)
+
+    path = export_benchmark_model(args.repository, args.size)
+    session = SessionFactory().create(path / "model.onnx")
+    input_name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    ways = ["raw session.run", "HTTP binary", "HTTP JSON"] + (
+        [] if args.no_drift else ["stat-drift"]
+    )
+    results = {(b, w): [] for b in batches for w in ways}
+
+    with (
+        ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server,
+        httpx.Client(base_url=server.url, timeout=120) as client,
+    ):
+        infer_url = "/v2/models/resnet18/infer"
+        for batch in batches:
+            x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
+            bodies = {
+                "HTTP binary": binary_body(x, input_name),
+                "HTTP JSON": json_body(x, input_name),
+            }
+            bodies["stat-drift"] = bodies["HTTP binary"]
+
+            def post(way, bodies=bodies):
+                content, headers = bodies[way]
+                url = infer_url if way != "stat-drift" else "/v2/models/resnet18/stat-drift"
+                response = client.post(url, content=content, headers=headers)
+                response.raise_for_status()
+
+            calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
+            calls.update({way: (lambda way=way: post(way)) for way in ways[1:]})
+            for call in calls.values():  # warm-up: first runs allocate and tune
+                call()
+                call()
+            count = max(5, args.iterations // batch)
+            for _ in range(args.rounds):
+                for way in ways:
+                    results[(batch, way)].extend(time_calls(calls[way], count))
+
+    print(
+        f"\nResNet-18-sized CNN, {args.size}x{args.size}, ONNX Runtime CPU, {os.cpu_count()} cores"
+    )
+    print(f"{'batch':>5} | {'way':<16} | {'p50 ms':>8} | {'p99 ms':>8} | {'p50 / raw':>9} | n")
+    print("-" * 64)
+    for batch in batches:
+        raw = statistics.median(results[(batch, "raw session.run")])
+        for way in ways:
+            samples = results[(batch, way)]
+            ratio = statistics.median(samples) / raw
+            print(
+                f"{batch:>5} | {way:<16} | {percentile(samples, 50):8.2f} | "
+                f"{percentile(samples, 99):8.2f} | {ratio:9.3f} | {len(samples)}"
+            )
+
+
+if __name__ == "__main__":
+    main()
