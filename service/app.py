@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .config import Settings
+from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
 from .inference import InferenceService
 from .metrics import Metrics
@@ -22,7 +23,7 @@ from .middleware import RequestContextMiddleware
 from .protocol.schemas import InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
-from .routers import health, infer, metrics, models, repository
+from .routers import drift, health, infer, metrics, models, repository
 from .runtime import SessionFactory
 from .state import Services
 
@@ -36,10 +37,14 @@ def build_services(settings: Settings) -> Services:
         ModelRepository(settings.repository),
         factory,
         VersionPolicy(settings.version_policy),
+        on_load=[attach_analyzer(factory)] if settings.debug_endpoints else [],
         on_state=metrics_.set_model_state,
     )
     inference = InferenceService(registry, settings, metrics_)
-    return Services(settings=settings, metrics=metrics_, registry=registry, inference=inference)
+    drift = DriftService(registry, inference, settings) if settings.debug_endpoints else None
+    return Services(
+        settings=settings, metrics=metrics_, registry=registry, inference=inference, drift=drift
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,8 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = s
-    for router in (health.router, models.router, infer.router, repository.router, metrics.router):
-        app.include_router(router)
+    for module in (health, models, infer, drift, repository, metrics):
+        app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)
     app.add_middleware(

@@ -40,8 +40,10 @@ class Settings(BaseSettings):
     debug_endpoints: bool = Field(True, description="stat-drift endpoints; off = 404")
     debug_token: SecretStr | None = Field(None, description="bearer token for debug endpoints")
     admin_token: SecretStr | None = Field(None, description="bearer token for repository API")
-    drift_warn: float = Field(0.25, gt=0, description="stat-drift: warn threshold")
-    drift_alert: float = Field(1.0, gt=0, description="stat-drift: drift threshold")
+    drift_warn: float = Field(
+        0.25, gt=0, description="stat-drift: warn at this layer score (running std units)"
+    )
+    drift_alert: float = Field(0.5, gt=0, description="stat-drift: drift at this layer score")
     graceful_timeout: float = Field(20.0, ge=0, description="seconds to drain on SIGTERM")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from .config import Settings
+from .drift.service import DriftService
 from .inference import InferenceService
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -19,7 +20,7 @@ class Services:
     metrics: Metrics
     registry: ModelRegistry
     inference: InferenceService
-    drift: object | None = None  # service.drift.DriftService when debug endpoints are on
+    drift: DriftService | None = None  # when debug endpoints are on
     started: bool = False  # first repository load finished
     draining: bool = False  # shutting down: not ready, finishing what is in flight
     extra: dict = field(default_factory=dict)

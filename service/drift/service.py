@@ -1,0 +1,101 @@
+"""Stat-drift as a plain class: a v2 request in, a StatDriftResponse out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from ..config import Settings
+from ..errors import BadRequest, GatewayTimeout, NotFound
+from ..inference import InferenceService
+from ..model import LoadedModel
+from ..protocol.codec import datatype_of
+from ..registry import ModelRegistry
+from ..runtime import SessionFactory
+from .analysis import DriftAnalyzer, Thresholds, summarize
+from .graph import DriftGraph, DriftGraphError
+from .schemas import StatDriftResponse
+
+log = logging.getLogger("bnserve.drift")
+EXTENSION = "stat_drift"
+
+
+def attach_analyzer(factory: SessionFactory):
+    """A registry load hook that builds each version's drift analyzer next to its session."""
+
+    def attach(model: LoadedModel) -> None:
+        try:
+            model.extensions[EXTENSION] = DriftAnalyzer(model.files, factory)
+        except (DriftGraphError, OSError, RuntimeError, ValueError) as exc:
+            model.extensions[f"{EXTENSION}_error"] = str(exc)
+            log.warning("stat-drift unavailable for %s v%s: %s", model.name, model.version, exc)
+
+    return attach
+
+
+class DriftService:
+    def __init__(self, registry: ModelRegistry, inference: InferenceService, settings: Settings):
+        self.registry = registry
+        self.inference = inference
+        self.settings = settings
+        self.thresholds = Thresholds(warn=settings.drift_warn, drift=settings.drift_alert)
+
+    def analyzer(self, model: LoadedModel) -> DriftAnalyzer:
+        analyzer = model.extensions.get(EXTENSION)
+        if analyzer is None:
+            reason = model.extensions.get(f"{EXTENSION}_error", "not built")
+            raise NotFound(f"stat-drift is not available for model '{model.name}': {reason}")
+        return analyzer
+
+    async def analyze(
+        self, name: str, version: str | None, body: bytes, header_length: str | None
+    ) -> StatDriftResponse:
+        model = self.registry.get(name, version)
+        analyzer = self.analyzer(model)
+        with model.use():
+            decoded = self.inference.decode(model, body, header_length)
+            parameters = decoded.request.parameters or {}
+            flags = {k: parameters.get(k, False) for k in ("return_outputs", "return_statistics")}
+            for key, value in flags.items():
+                if not isinstance(value, bool):
+                    raise BadRequest(f"parameter {key} is {value!r}; expected true or false")
+            analyzer.check_batch(decoded.batch_size)
+            loop = asyncio.get_running_loop()
+            try:
+                taps = await asyncio.wait_for(
+                    loop.run_in_executor(model.executor, analyzer.run, decoded.tensors),
+                    self.settings.request_timeout,
+                )
+            except TimeoutError:
+                raise GatewayTimeout(
+                    f"stat-drift on model '{name}' took longer than "
+                    f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT)"
+                ) from None
+            layers = analyzer.layers(taps, self.thresholds, flags["return_statistics"])
+            outputs = analyzer.outputs(taps)
+            response = StatDriftResponse(
+                model_name=model.name,
+                model_version=str(model.version),
+                id=decoded.request.id,
+                batch_size=decoded.batch_size,
+                summary=summarize(layers, outputs, self.thresholds),
+                outputs=outputs,
+                layers=layers,
+            )
+            if flags["return_outputs"]:
+                response.global_outputs = [_tensor(n, taps[n]) for n in analyzer.graph.outputs]
+                response.batch_outputs = [
+                    _tensor(n, taps[DriftGraph.batch_name(n)]) for n in analyzer.graph.outputs
+                ]
+            return response
+
+
+def _tensor(name: str, array: np.ndarray) -> dict:
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "data": array.reshape(-1).tolist(),
+    }

@@ -1,0 +1,105 @@
+"""Stat-drift debug endpoints: analysis, the page, and the model's sample batches.
+
+All of them answer 404 when BNSERVE_DEBUG_ENDPOINTS is false. When BNSERVE_DEBUG_TOKEN is set,
+the API calls need it as a bearer token; the page itself is static (it holds no model data),
+asks for the token and sends it with its API calls.
+"""
+
+from __future__ import annotations
+
+import html
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import HTMLResponse
+
+from ..drift.schemas import StatDriftResponse
+from ..errors import NotFound
+from ..protocol.codec import HEADER_LENGTH
+from ..protocol.schemas import ErrorResponse
+from ..security import check_bearer
+from ..state import Services, ServicesDep
+from .infer import REQUEST_BODY
+
+router = APIRouter(tags=["stat-drift (debug)"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)}
+
+
+def enabled(s: ServicesDep) -> Services:
+    if not s.settings.debug_endpoints or s.drift is None:
+        raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
+    return s
+
+
+def debug(
+    s: Annotated[Services, Depends(enabled)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Services:
+    check_bearer(authorization, s.settings.debug_token, "stat-drift", "BNSERVE_DEBUG_TOKEN")
+    return s
+
+
+DebugDep = Annotated[Services, Depends(debug)]
+EnabledDep = Annotated[Services, Depends(enabled)]
+
+
+async def _analyze(s: Services, request: Request, name: str, version: str | None):
+    body = await request.body()
+    return await s.drift.analyze(name, version, body, request.headers.get(HEADER_LENGTH))
+
+
+DOC = (
+    "Runs the batch through the served eval-mode model (global statistics) and through a "
+    "train-mode rewrite of it (batch statistics), and reports per BatchNorm layer how far the "
+    "batch's statistics are from the stored running statistics. parameters.return_outputs "
+    "adds both output sets; parameters.return_statistics adds per-channel values."
+)
+
+
+@router.post(
+    "/v2/models/{model_name}/stat-drift",
+    response_model=StatDriftResponse,
+    response_model_exclude_none=True,
+    openapi_extra=REQUEST_BODY,
+    responses=ERRORS,
+    description=DOC,
+)
+async def stat_drift(model_name: str, request: Request, s: DebugDep):
+    return await _analyze(s, request, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/stat-drift",
+    response_model=StatDriftResponse,
+    response_model_exclude_none=True,
+    openapi_extra=REQUEST_BODY,
+    responses=ERRORS,
+    description=DOC,
+)
+async def stat_drift_version(model_name: str, model_version: str, request: Request, s: DebugDep):
+    return await _analyze(s, request, model_name, model_version)
+
+
+@router.get("/v2/models/{model_name}/stat-drift/samples", responses=ERRORS)
+async def samples(model_name: str, s: DebugDep) -> list[str]:
+    """Names of the sample batches the model was exported with (e.g. the digits demo's)."""
+    model = s.registry.get(model_name)
+    return [p.removeprefix("samples/").removesuffix(".json") for p in model.card.samples]
+
+
+@router.get("/v2/models/{model_name}/stat-drift/samples/{sample}", responses=ERRORS)
+async def sample(model_name: str, sample: str, s: DebugDep) -> Response:
+    """One sample batch as a v2 inference request body."""
+    model = s.registry.get(model_name)
+    relative = f"samples/{sample}.json"
+    if relative not in model.card.samples:  # only listed files: no path from the request
+        raise NotFound(f"model '{model_name}' has no sample '{sample}'")
+    return Response((model.files.path / relative).read_bytes(), media_type="application/json")
+
+
+@router.get("/v2/models/{model_name}/stat-drift/view", response_class=HTMLResponse)
+async def view(model_name: str, s: EnabledDep) -> HTMLResponse:
+    s.registry.get(model_name)  # 404 for unknown models
+    page = resources.files("service").joinpath("static/drift.html").read_text()
+    return HTMLResponse(page.replace("{{MODEL}}", html.escape(model_name)))
