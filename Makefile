@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench venv clean system-deps
 
 venv: $(STAMP)
 
@@ -24,7 +24,15 @@ run: $(STAMP)
 	$(BIN)/python -m export demo --repository models
 	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium; without root or apt it is skipped, with a reason.
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "chromium/chromedriver missing and cannot be installed: browser tests will skip"; fi
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
