@@ -14,12 +14,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import __version__
+from .batching import BatchingConfig
 from .config import Settings
 from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
 from .inference import InferenceService
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
+from .model import ServingOptions
 from .protocol.schemas import InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
@@ -33,9 +35,14 @@ log = logging.getLogger("bnserve.app")
 def build_services(settings: Settings) -> Services:
     metrics_ = Metrics()
     factory = SessionFactory(settings.providers, settings.device_id, settings.intra_op_threads)
+    batching = BatchingConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        max_queue_size=settings.max_queue_size,
+    )
     registry = ModelRegistry(
         ModelRepository(settings.repository),
-        factory,
+        ServingOptions(factory, metrics_, batching),
         VersionPolicy(settings.version_policy),
         on_load=[attach_analyzer(factory)] if settings.debug_endpoints else [],
         on_state=metrics_.set_model_state,

@@ -6,13 +6,20 @@ Flags override BNSERVE_ environment variables, which override defaults.
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import time
+from types import FrameType
 
 import uvicorn
 
 from .app import create_app
 from .config import Settings
 from .logs import configure_logging
+from .state import Services
+
+log = logging.getLogger("bnserve.server")
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -32,19 +39,47 @@ def parse(argv: list[str] | None = None) -> Settings:
     return Settings(**overrides)
 
 
+class DrainingServer(uvicorn.Server):
+    """SIGTERM first turns readiness false and keeps serving for drain_delay seconds (so load
+    balancers stop sending), then closes the listener and lets accepted requests finish
+    within graceful_timeout. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, services: Services, drain_delay: float) -> None:
+        super().__init__(config)
+        self.services = services
+        self.drain_delay = drain_delay
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None and sig == signal.SIGTERM and self.drain_delay > 0:
+            self.services.draining = True
+            self.drain_started = time.monotonic()
+            log.info("SIGTERM: not ready; closing in %.1f s", self.drain_delay)
+            return
+        self.services.draining = True
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            self.should_exit = time.monotonic() - self.drain_started >= self.drain_delay
+        return await super().on_tick(counter)
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_timeout,
+        limit_concurrency=settings.max_connections,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.services, settings.drain_delay).run()
     return 0
 
 

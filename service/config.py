@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         0.25, gt=0, description="stat-drift: warn at this layer score (running std units)"
     )
     drift_alert: float = Field(0.5, gt=0, description="stat-drift: drift at this layer score")
-    graceful_timeout: float = Field(20.0, ge=0, description="seconds to drain on SIGTERM")
+    drain_delay: float = Field(
+        2.0, ge=0, description="SIGTERM: seconds not-ready but still serving before closing"
+    )
+    graceful_timeout: float = Field(
+        20.0, ge=0, description="SIGTERM: seconds to let accepted requests finish"
+    )
+    max_connections: int = Field(1024, ge=1, description="open connections before 503")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -7,7 +7,7 @@ admission (503 when too many requests are in flight), then the run (504 past the
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 
 import numpy as np
 
@@ -55,10 +55,9 @@ class InferenceService:
                 labels=model.labels,
             )
 
-    async def run(
-        self, model: LoadedModel, tensors: dict[str, np.ndarray], batch_size: int
-    ) -> dict[str, np.ndarray]:
-        """Run one request's tensors, bounded in concurrency and time."""
+    @contextlib.contextmanager
+    def admitted(self, model: LoadedModel):
+        """Admission for one request: bounded in-flight count across all models."""
         if self.in_flight >= self.settings.max_concurrency:
             self.metrics.rejected.labels(model.name, "concurrency").inc()
             raise Unavailable(
@@ -66,16 +65,25 @@ class InferenceService:
                 f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
             )
         self.in_flight += 1
-        self.metrics.request_batch_size.labels(model.name).observe(batch_size)
-        started = time.perf_counter()
         try:
-            return await asyncio.wait_for(model.run(tensors), self.settings.request_timeout)
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def within_timeout(self, model: LoadedModel, work, what: str = "inference"):
+        try:
+            return await asyncio.wait_for(work, self.settings.request_timeout)
         except TimeoutError:
             self.metrics.rejected.labels(model.name, "timeout").inc()
             raise GatewayTimeout(
-                f"inference on model '{model.name}' took longer than "
+                f"{what} on model '{model.name}' took longer than "
                 f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT); abandoned"
             ) from None
-        finally:
-            self.in_flight -= 1
-            self.metrics.compute_time.labels(model.name).observe(time.perf_counter() - started)
+
+    async def run(
+        self, model: LoadedModel, tensors: dict[str, np.ndarray], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """Run one request's tensors, bounded in concurrency, queue length and time."""
+        with self.admitted(model):
+            self.metrics.request_batch_size.labels(model.name).observe(batch_size)
+            return await self.within_timeout(model, model.run(tensors, batch_size))

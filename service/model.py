@@ -7,29 +7,40 @@ the last of them is done.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from .batching import BatchingConfig, BatchScheduler
 from .card import ModelCard
+from .metrics import Metrics
 from .protocol.datatypes import ORT_TO_V2
-from .protocol.schemas import TensorMetadata
 from .repository import ModelLoadError, VersionFiles
 from .runtime import SessionFactory, provider_of
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    """What every loaded version gets from the service's settings (model.json may override
+    the batching part)."""
+
+    factory: SessionFactory
+    metrics: Metrics
+    batching: BatchingConfig
+
+
 class LoadedModel:
-    def __init__(self, files: VersionFiles, factory: SessionFactory) -> None:
+    def __init__(self, files: VersionFiles, options: ServingOptions) -> None:
         self.name = files.name
         self.version = files.version
         self.files = files
         self.card: ModelCard = files.card
         try:
-            self.session: ort.InferenceSession = factory.create(files.model_path)
+            self.session: ort.InferenceSession = options.factory.create(files.model_path)
         except Exception as exc:
             raise ModelLoadError(f"ONNX Runtime cannot load model.onnx: {exc}") from exc
         self.provider = provider_of(self.session)
@@ -39,6 +50,10 @@ class LoadedModel:
         self._check_signature()
         self.output_names = [o.name for o in self.outputs]
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.name}-{self.version}")
+        self.batching = self._batching(options.batching)
+        self.scheduler = BatchScheduler(
+            self.name, self.run_sync, self.executor, self.batching, options.metrics
+        )
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -57,16 +72,34 @@ class LoadedModel:
                     f"model.json {kind}s {declared} do not match model.onnx {kind}s {actual}"
                 )
 
-    def metadata(self, kind: str) -> list[TensorMetadata]:
-        return self.inputs if kind == "inputs" else self.outputs
+    def _batching(self, defaults: BatchingConfig) -> BatchingConfig:
+        """The service's defaults, overridden by model.json's `serving` settings."""
+        serving = self.card.serving or {}
+        try:
+            config = BatchingConfig(
+                max_batch_size=int(serving.get("max_batch_size", defaults.max_batch_size)),
+                max_queue_delay_us=int(
+                    serving.get("max_queue_delay_us", defaults.max_queue_delay_us)
+                ),
+                preferred_batch_sizes=tuple(
+                    int(v) for v in serving.get("preferred_batch_sizes", ())
+                ),
+                max_queue_size=int(serving.get("max_queue_size", defaults.max_queue_size)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"model.json serving settings are invalid: {exc}") from None
+        batch_axis = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
+        if config.enabled and not batch_axis:  # outputs could not be split per request
+            return BatchingConfig(max_queue_size=config.max_queue_size)
+        return config
 
     def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, tensors)
         return dict(zip(self.output_names, results, strict=True))
 
-    async def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.run_sync, tensors)
+    async def run(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        """Through the model's bounded queue (and dynamic batching where configured)."""
+        return await self.scheduler.submit(tensors, size)
 
     @contextlib.contextmanager
     def use(self):
@@ -90,6 +123,7 @@ class LoadedModel:
             self._close()
 
     def _close(self) -> None:
+        self.scheduler.close()
         self.executor.shutdown(wait=False)
         for extension in self.extensions.values():
             closer = getattr(extension, "close", None)

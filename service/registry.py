@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import NotFound, Unavailable
-from .model import LoadedModel
+from .model import LoadedModel, ServingOptions
 from .repository import ModelLoadError, ModelRepository, VersionPolicy, valid_name
-from .runtime import SessionFactory
 
 log = logging.getLogger("bnserve.registry")
 
@@ -57,14 +56,14 @@ class ModelRegistry:
     def __init__(
         self,
         repository: ModelRepository,
-        factory: SessionFactory,
+        options: ServingOptions,
         policy: VersionPolicy,
         *,
         on_load: list[LoadHook] | None = None,
         on_state: StateHook | None = None,
     ) -> None:
         self.repository = repository
-        self.factory = factory
+        self.options = options
         self.policy = policy
         self.on_load = on_load or []
         self.on_state = on_state or (lambda name, version, state: None)
@@ -86,7 +85,9 @@ class ModelRegistry:
         if version is None or version == "":
             ready = entry.ready_versions()
             if not ready:
-                raise Unavailable(f"model '{name}' has no ready version: {self._why(entry)}")
+                raise Unavailable(
+                    f"model '{name}' has no ready version: {self.why_unavailable(entry)}"
+                )
             return entry.versions[ready[-1]].model
         number = int(version) if version.isdigit() else None
         status = entry.versions.get(number) if number is not None else None
@@ -99,7 +100,7 @@ class ModelRegistry:
             )
         return status.model
 
-    def _why(self, entry: ModelEntry) -> str:
+    def why_unavailable(self, entry: ModelEntry) -> str:
         reasons = [f"v{v}: {s.reason}" for v, s in sorted(entry.versions.items()) if s.reason]
         return "; ".join(reasons) or entry.reason or "still loading"
 
@@ -166,7 +167,7 @@ class ModelRegistry:
     def _load_version(self, name: str, version: int) -> VersionState:
         try:
             files = self.repository.read(name, version)
-            model = LoadedModel(files, self.factory)
+            model = LoadedModel(files, self.options)
         except ModelLoadError as exc:
             log.warning("model %s v%s is unavailable: %s", name, version, exc)
             return VersionState(version, ModelState.UNAVAILABLE, str(exc))

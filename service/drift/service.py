@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from ..config import Settings
-from ..errors import BadRequest, GatewayTimeout, NotFound
+from ..errors import BadRequest, NotFound
 from ..inference import InferenceService
 from ..model import LoadedModel
 from ..protocol.codec import datatype_of
@@ -63,16 +63,10 @@ class DriftService:
                     raise BadRequest(f"parameter {key} is {value!r}; expected true or false")
             analyzer.check_batch(decoded.batch_size)
             loop = asyncio.get_running_loop()
-            try:
-                taps = await asyncio.wait_for(
-                    loop.run_in_executor(model.executor, analyzer.run, decoded.tensors),
-                    self.settings.request_timeout,
-                )
-            except TimeoutError:
-                raise GatewayTimeout(
-                    f"stat-drift on model '{name}' took longer than "
-                    f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT)"
-                ) from None
+            with self.inference.admitted(model):
+                # On the model's own thread: analysis and serving take turns, never compete.
+                work = loop.run_in_executor(model.executor, analyzer.run, decoded.tensors)
+                taps = await self.inference.within_timeout(model, work, "stat-drift")
             layers = analyzer.layers(taps, self.thresholds, flags["return_statistics"])
             outputs = analyzer.outputs(taps)
             response = StatDriftResponse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..errors import NotFound, ServiceError
+from ..errors import NotFound, ServiceError, Unavailable
 from ..model import LoadedModel
 from ..protocol.datatypes import TRITON_TYPES
 from ..protocol.schemas import ErrorResponse, ModelMetadata, ModelReadyResponse
@@ -49,7 +49,30 @@ def metadata(s: Services, model: LoadedModel) -> ModelMetadata:
     responses=ERRORS,
 )
 async def model_metadata(model_name: str, s: ServicesDep):
-    return metadata(s, s.registry.get(model_name))
+    try:
+        return metadata(s, s.registry.get(model_name))
+    except Unavailable:
+        return unavailable_metadata(s, model_name)
+
+
+def unavailable_metadata(s: Services, name: str) -> ModelMetadata:
+    """A known model with no ready version: its state and why, so operators can see it."""
+    entry = s.registry.entry(name)
+    return ModelMetadata(
+        name=name,
+        versions=[],
+        platform="onnxruntime_onnx",
+        inputs=[],
+        outputs=[],
+        parameters={
+            "state": "UNAVAILABLE",
+            "reason": s.registry.why_unavailable(entry),
+            "versions": {
+                str(v): {"state": st.state.value, "reason": st.reason}
+                for v, st in sorted(entry.versions.items())
+            },
+        },
+    )
 
 
 @router.get(
@@ -92,17 +115,24 @@ async def model_config(model_name: str, s: ServicesDep) -> dict:
     """The model's configuration in Triton's JSON form, for Triton tooling."""
     model = s.registry.get(model_name)
 
-    def tensors(specs):
-        return [
-            {"name": t.name, "data_type": TRITON_TYPES[t.datatype], "dims": t.shape} for t in specs
-        ]
+    batched = model.batching.enabled
 
-    # max_batch_size 0 in Triton's terms: dims are full shapes, batch axis (-1) included.
-    return {
+    def tensors(specs):
+        # Triton's dims leave out the batch axis when max_batch_size > 0.
+        return [
+            {"name": t.name, "data_type": TRITON_TYPES[t.datatype],
+             "dims": t.shape[1:] if batched else t.shape}
+            for t in specs
+        ]  # fmt: skip
+
+    config = {
         "name": model.name,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
-        "max_batch_size": 0,
+        "max_batch_size": model.batching.max_batch_size if batched else 0,
         "input": tensors(model.inputs),
         "output": tensors(model.outputs),
     }
+    if batched:
+        config["dynamic_batching"] = model.batching.triton()
+    return config

@@ -1,0 +1,178 @@
+"""Per-model request queue with dynamic batching.
+
+Every request for a model version goes through its bounded queue; past max_queue_size the
+service answers 503 with Retry-After instead of growing memory. One worker per version takes
+requests off the queue: it waits up to max_queue_delay for more to arrive (or until a preferred
+batch size or max_batch_size is reached), concatenates them along the batch axis, runs one
+session.run off the event loop, and splits the outputs back. Only requests whose per-sample
+shapes agree are batched together. With max_batch_size <= 1 each request runs alone.
+
+Batching preserves deterministic eval mode: ONNX Runtime computes each sample's rows the same
+way whatever else is in the batch (tests check bitwise equality), and every sample's output
+depends only on that sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import Unavailable
+from .metrics import Metrics
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 0  # samples; <= 1 turns batching off
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256  # requests waiting
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+    def triton(self) -> dict:
+        if not self.enabled:
+            return {}
+        return {
+            "preferred_batch_size": list(self.preferred_batch_sizes),
+            "max_queue_delay_microseconds": self.max_queue_delay_us,
+        }
+
+
+@dataclass
+class _Pending:
+    tensors: dict[str, np.ndarray]
+    size: int
+    signature: tuple
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class BatchScheduler:
+    def __init__(self, name: str, run, executor, config: BatchingConfig, metrics: Metrics):
+        self.name = name
+        self.run = run  # dict[str, ndarray] -> dict[str, ndarray], thread-safe session.run
+        self.executor = executor
+        self.config = config
+        self.metrics = metrics
+        self.queue: deque[_Pending] = deque()
+        self._arrival: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._recent_batch_seconds = 0.05
+
+    async def submit(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+        if len(self.queue) >= self.config.max_queue_size:
+            self.metrics.rejected.labels(self.name, "queue_full").inc()
+            wait = self._recent_batch_seconds * len(self.queue) / max(self.config.max_batch_size, 1)
+            raise Unavailable(
+                f"model '{self.name}' has {len(self.queue)} requests queued, the limit "
+                f"(BNSERVE_MAX_QUEUE_SIZE={self.config.max_queue_size}); retry later",
+                retry_after=wait,
+            )
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._arrival = asyncio.Event()
+            self._worker = loop.create_task(self._work(), name=f"batcher-{self.name}")
+        signature = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(tensors.items()))
+        pending = _Pending(tensors, size, signature, loop.create_future())
+        self.queue.append(pending)
+        self._arrival.set()
+        return await pending.future  # cancelled by a timeout: the worker skips it
+
+    async def _work(self) -> None:
+        while True:
+            await self._arrival.wait()
+            self._arrival.clear()
+            while self.queue:
+                batch = await self._collect()
+                if batch:
+                    await self._execute(batch)
+
+    async def _collect(self) -> list[_Pending]:
+        """Wait (at most max_queue_delay after the oldest arrival) for a fuller batch."""
+        config = self.config
+        if config.enabled:
+            deadline = self.queue[0].enqueued + config.max_queue_delay_us / 1e6
+            while True:
+                queued = self._compatible_samples()
+                if queued >= config.max_batch_size or queued in config.preferred_batch_sizes:
+                    break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrival.wait(), remaining)
+                self._arrival.clear()
+        return self._take()
+
+    def _compatible_samples(self) -> int:
+        live = [p for p in self.queue if not p.future.done()]
+        if not live:
+            return 0
+        return sum(p.size for p in live if p.signature == live[0].signature)
+
+    def _take(self) -> list[_Pending]:
+        """The oldest live request plus compatible ones, up to max_batch_size samples."""
+        while self.queue and self.queue[0].future.done():
+            self.queue.popleft()  # its request timed out or went away
+        if not self.queue:
+            return []
+        first = self.queue.popleft()
+        batch, samples = [first], first.size
+        if self.config.enabled:
+            kept: deque[_Pending] = deque()
+            while self.queue:
+                pending = self.queue.popleft()
+                if pending.future.done():
+                    continue
+                fits = samples + pending.size <= self.config.max_batch_size
+                if fits and pending.signature == first.signature:
+                    batch.append(pending)
+                    samples += pending.size
+                else:
+                    kept.append(pending)
+            self.queue.extendleft(reversed(kept))
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        for pending in batch:
+            self.metrics.queue_time.labels(self.name).observe(started - pending.enqueued)
+        if len(batch) == 1:
+            tensors = batch[0].tensors
+        else:
+            tensors = {k: np.concatenate([p.tensors[k] for p in batch]) for k in batch[0].tensors}
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self.executor, self.run, tensors)
+        except Exception as exc:  # a failed run fails its requests, not the worker
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        self._recent_batch_seconds = 0.8 * self._recent_batch_seconds + 0.2 * elapsed
+        samples = sum(p.size for p in batch)
+        self.metrics.compute_time.labels(self.name).observe(elapsed)
+        self.metrics.batch_size.labels(self.name).observe(samples)
+        offset = 0
+        for pending in batch:
+            if not pending.future.done():
+                part = {k: v[offset : offset + pending.size] for k, v in outputs.items()}
+                pending.future.set_result(part if len(batch) > 1 else outputs)
+            offset += pending.size
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        for pending in self.queue:
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))
+        self.queue.clear()
