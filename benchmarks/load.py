@@ -1,0 +1,186 @@
+"""Throughput with 16 concurrent clients on 127.0.0.1, side by side in one run:
+
+  raw     in-process ONNX Runtime session.run at each batch size (no HTTP, no client)
+  bnserve the service with dynamic batching, single-sample binary requests
+  KServe  the same ORT session in KServe's Python model server (kserve package, own venv)
+
+on the ResNet-18-sized CNN at 224x224. Prints a table.
+
+    python -m benchmarks.load [--clients 16] [--seconds 20] [--no-kserve]
+
+The load is closed-loop: each client keeps one request outstanding on its own keep-alive
+connection; the client threads share the machine with the server, which raw session.run does
+not have to, so the ratio to raw is conservative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.loadgen import run_load
+from benchmarks.resnet import export_benchmark_model
+from benchmarks.serving import binary_body
+from service.launcher import ROOT, ServiceProcess, free_port
+from service.runtime import SessionFactory
+
+KSERVE_VENV = ROOT / "artifacts" / "kserve-venv"
+KSERVE_PIN = "kserve==0.21.0"
+
+
+def raw_throughput(model: Path, size: int, batches: list[int], seconds: float) -> dict[int, float]:
+    """Samples per second of back-to-back session.run calls at each batch size."""
+    session = SessionFactory().create(model)
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    rates = {}
+    for batch in batches:
+        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        session.run(None, {name: x})
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            session.run(None, {name: x})
+            runs += 1
+        rates[batch] = runs * batch / (time.perf_counter() - started)
+    return rates
+
+
+def kserve_python() -> Path:
+    """KServe in a venv of its own (its pins must not move bnserve's packages)."""
+    python = KSERVE_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(KSERVE_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", KSERVE_PIN, "onnxruntime-gpu>=1.31,<1.32"],
+            check=True,
+        )
+    return python
+
+
+class KServeProcess:
+    def __init__(self, model: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        command = [str(kserve_python()), str(ROOT / "benchmarks" / "kserve_peer.py"),
+                   "--model", str(model), "--port", str(self.port)]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def __enter__(self) -> KServeProcess:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/models/resnet18/ready", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        self.process.kill()
+        raise TimeoutError("KServe peer did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "bench")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--queue-delay-us", type=int, default=4000)
+    parser.add_argument("--no-kserve", action="store_true")
+    args = parser.parse_args(argv)
+
+    path = export_benchmark_model(args.repository, args.size)
+    x = np.random.default_rng(1).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    body, headers = binary_body(x, "images")
+    infer = "/v2/models/resnet18/infer"
+    rows = []
+
+    raw = raw_throughput(path / "model.onnx", args.size, [1, 2, 4, 8, 16], args.seconds / 4)
+    best_batch = max(raw, key=raw.get)
+    for batch, rate in raw.items():
+        rows.append((f"raw session.run, batch {batch}", rate, None, None, None))
+
+    env = {
+        "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
+        "BNSERVE_LOG_LEVEL": "warning",
+    }
+    with ServiceProcess(args.repository, env=env) as server:
+        result = run_load(
+            server.url, infer, body, headers, clients=args.clients, seconds=args.seconds
+        )
+        bnserve = result.throughput()
+        rows.append(
+            (
+                "bnserve, dynamic batching",
+                bnserve,
+                result.percentile(50),
+                result.percentile(99),
+                result,
+            )
+        )
+    with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
+        result = run_load(
+            server.url, infer, body, headers, clients=args.clients, seconds=args.seconds
+        )
+        rows.append(
+            (
+                "bnserve, no batching",
+                result.throughput(),
+                result.percentile(50),
+                result.percentile(99),
+                result,
+            )
+        )
+    kserve = None
+    if not args.no_kserve:
+        with KServeProcess(path / "model.onnx") as peer:
+            result = run_load(
+                peer.url, infer, body, headers, clients=args.clients, seconds=args.seconds
+            )
+            kserve = result.throughput()
+            rows.append(
+                (
+                    f"KServe {KSERVE_PIN.split('==')[1]} Python server",
+                    kserve,
+                    result.percentile(50),
+                    result.percentile(99),
+                    result,
+                )
+            )
+
+    print(f"\n{args.clients} clients, single-sample binary requests, ResNet-18-sized CNN "
+          f"{args.size}x{args.size}, {os.cpu_count()} cores, {args.seconds:g} s per server")  # fmt: skip
+    print(
+        f"{'':<34} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
+    )
+    print("-" * 92)
+    for name, rate, p50, p99, result in rows:
+        codes = dict(result.codes) | dict(result.errors) if result else ""
+        p50_text = f"{p50:7.1f}" if p50 is not None else f"{'':7}"
+        p99_text = f"{p99:7.1f}" if p99 is not None else f"{'':7}"
+        print(
+            f"{name:<34} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {p50_text} | {p99_text} | {codes}"
+        )
+    print(
+        f"\nbnserve / raw session.run at its best batch size ({best_batch}): {bnserve / raw[best_batch]:.3f}"
+    )
+    if kserve:
+        print(f"bnserve / KServe throughput: {bnserve / kserve:.3f}")
+
+
+if __name__ == "__main__":
+    main()

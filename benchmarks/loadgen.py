@@ -1,0 +1,84 @@
+"""A closed-loop HTTP load generator: N clients, each with one request outstanding on its own
+keep-alive connection, for a fixed time. Bodies are encoded once, up front."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+
+
+@dataclass
+class LoadResult:
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    codes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> int:
+        return self.codes.get(200, 0)
+
+    def throughput(self, samples_per_request: int = 1) -> float:
+        return self.ok * samples_per_request / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else 0.0
+
+
+def run_load(
+    url: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    clients: int,
+    seconds: float,
+    warmup: float = 2.0,
+) -> LoadResult:
+    """Only requests that start after the warm-up and finish before the end are counted."""
+    parts = urlsplit(url)
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    result = LoadResult(seconds=seconds)
+    lock = threading.Lock()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        while True:
+            began = time.perf_counter()
+            if began >= stop_at:
+                break
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                code = response.status
+                if response.getheader("connection", "").lower() == "close":
+                    connection.close()
+            except (OSError, http.client.HTTPException) as exc:
+                code = None
+                connection.close()
+                with lock:
+                    if began >= measure_from:
+                        result.errors[type(exc).__name__] += 1
+                time.sleep(0.01)
+            ended = time.perf_counter()
+            if began >= measure_from and ended <= stop_at and code is not None:
+                with lock:
+                    result.codes[code] += 1
+                    if code == 200:
+                        result.latencies.append(ended - began)
+        connection.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result
