@@ -30,7 +30,8 @@ class ServiceProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.gettempdir()) / f"bnserve-{self.port}.log"
         self.log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in stop()
-        full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
         command = [
             sys.executable, "-m", "service", "--repository", str(repository),
             "--host", "127.0.0.1", "--port", str(self.port), *args,

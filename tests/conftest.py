@@ -19,7 +19,8 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
     """Run `python -m <args>` as a user would, with the project and tests importable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd or ROOT,
