@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python -m export demo --repository models
-	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT)
+	@$(BIN)/python -m service.examples --repository models --url http://$(HOST):$(PORT)
+	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT) --log-format text
 
 # The browser test drives Debian's chromium; without root or apt it is skipped, with a reason.
 system-deps:
