@@ -21,6 +21,7 @@ def load_model(factory: str | None, weights: Path | None) -> torch.nn.Module:
             "state_dict) or --weights file.pt2"
         )
     model = _call_factory(factory)
+    model.eval()  # built here for export, not a caller's model in training
     if weights is not None:
         state = _state_dict(weights)
         try:
@@ -76,10 +77,15 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError as exc:
         raise InvalidInputError(f"weights file {path} does not exist") from exc
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a real checkpoint holding Python objects
+            raise InvalidInputError(
+                f"{path} is not a weights-only checkpoint (it pickles Python objects, which "
+                "torch.load(weights_only=True) refuses); expected a state_dict saved with "
+                "torch.save(model.state_dict(), path)"
+            ) from exc
         raise InvalidInputError(
-            f"{path} is not a weights-only checkpoint (it pickles Python objects, which "
-            "torch.load(weights_only=True) refuses); expected a state_dict saved with "
-            "torch.save(model.state_dict(), path)"
+            f"{path} is not a torch.save checkpoint ({_short(exc)}); expected a state_dict "
+            "saved with torch.save(model.state_dict(), path)"
         ) from exc
     except Exception as exc:
         raise InvalidInputError(
@@ -106,11 +112,31 @@ def _load_exported_program(path: Path) -> torch.nn.Module:
             f"cannot read {path} as a torch.export program: {_short(exc)}; expected a file "
             "written by torch.export.save"
         ) from exc
-    module = program.module()
-    # Programs captured in train mode hold training batch_norm ops; switch them to eval.
-    from torch.ao.quantization import move_exported_model_to_eval
+    if _captured_in_train_mode(program):
+        raise InvalidInputError(
+            f"{path} was captured in train mode: its BatchNorm ops normalize with batch "
+            "statistics and torch.export programs cannot be switched to eval; expected a "
+            "program exported from model.eval()"
+        )
+    return program.module()
 
-    return move_exported_model_to_eval(module)
+
+_TRAINING_BATCH_NORMS = {
+    "aten.batch_norm.default": 5,  # index of the `training` argument
+    "aten.native_batch_norm.default": 5,
+    "aten._native_batch_norm_legit_functional.default": 5,
+    "aten._native_batch_norm_legit.default": 5,
+    "aten._native_batch_norm_legit.no_stats": 3,
+}
+
+
+def _captured_in_train_mode(program) -> bool:
+    for node in program.graph.nodes:
+        index = _TRAINING_BATCH_NORMS.get(str(node.target))
+        training = index is not None and len(node.args) > index and node.args[index] is True
+        if node.op == "call_function" and training:
+            return True
+    return False
 
 
 def _short(exc: BaseException) -> str:

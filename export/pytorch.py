@@ -6,6 +6,7 @@ mode, and the caller's training flags and state_dict are compared bit for bit at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -76,7 +77,7 @@ def export_model(
         warnings.warn(notes[-1], stacklevel=2)
 
     progress("Preparing an eval-mode copy")
-    work = copy.deepcopy(model).eval()
+    work = _eval_copy(model)
     originals = {name: _describe_module(m) for name, m in batch_norm_layers(work).items()}
     untracked = untracked_layers(work)
     batches = as_batches(calibration, len(example))
@@ -175,6 +176,14 @@ def export_model(
     )
 
 
+def _eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    work = copy.deepcopy(model)
+    # torch.export modules fix train/eval at capture (loading refuses train-mode captures).
+    with contextlib.suppress(NotImplementedError):
+        work.eval()
+    return work
+
+
 def _as_inputs(example) -> tuple[torch.Tensor, ...]:
     items = (example,) if isinstance(example, torch.Tensor | np.ndarray) else tuple(example)
     tensors = tuple(torch.as_tensor(x) for x in items)
@@ -204,14 +213,10 @@ def _describe_module(bn) -> dict[str, Any]:
 
 
 def _verification_inputs(example, batches) -> tuple[torch.Tensor, ...]:
+    """The example then calibration samples, in the example's dtypes (float64 models too)."""
     parts = [example, *batches]
-    joined = tuple(torch.cat([p[i] for p in parts]) for i in range(len(example)))
-    return tuple(
-        t[:VERIFY_SAMPLES].detach().float().contiguous()
-        if t.is_floating_point()
-        else t[:VERIFY_SAMPLES].contiguous()
-        for t in joined
-    )
+    joined = [torch.cat([p[i].to(example[i].dtype) for p in parts]) for i in range(len(example))]
+    return tuple(t[:VERIFY_SAMPLES].detach().contiguous() for t in joined)
 
 
 def _forward(work, inputs, example) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .card import FileRecord, ModelCard
-from .errors import InvalidInputError
+from .errors import ExportError, InvalidInputError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -56,9 +56,9 @@ def write_version(
     if version is not None and (model_dir / str(version)).exists():
         raise _version_exists(name, version, model_dir)
     created_model_dir = not model_dir.exists()
-    model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".staging-{uuid.uuid4().hex}"
     try:
+        model_dir.mkdir(parents=True, exist_ok=True)
         for relative, data in files.items():
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +80,13 @@ def write_version(
                 continue  # a concurrent export took this number: take the next
             _fsync_dir(model_dir)
             return chosen, final
+    except InvalidInputError:
+        raise
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write to the model repository {repository}: {exc.strerror or exc}; "
+            "expected a writable folder with free space"
+        ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created_model_dir:

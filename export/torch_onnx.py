@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from .errors import ExportError
+from .fold import materialize_constants
 from .onnx_io import make_batch_dynamic
 
 
@@ -65,7 +66,8 @@ def to_onnx(
             f"torch.onnx could not export the model: {_first_line(exc)}; expected a model "
             "torch.export can trace with a dynamic batch dimension"
         ) from exc
-    model = program.model_proto
+    # A valid reference: torch.onnx computes some biases (Conv3d's with a wrong shape).
+    model = materialize_constants(program.model_proto)
     make_batch_dynamic(model)
     return model
 

@@ -32,9 +32,16 @@ def verify_export(
     oracle_outputs: list[np.ndarray] | None,
 ) -> Verification:
     """Check folded against the oracle (PyTorch outputs if given, else reference.onnx)."""
-    folded_session, reference_session = cpu_session(folded), cpu_session(reference)
-    got = _run_chunked(folded_session, inputs)
-    from_reference = _run_chunked(reference_session, inputs)
+    try:
+        folded_session, reference_session = cpu_session(folded), cpu_session(reference)
+        got = _run_chunked(folded_session, inputs)
+        from_reference = _run_chunked(reference_session, inputs)
+    except Exception as exc:  # ORT rejects the graph or fails to run it
+        detail = " ".join(str(exc).split())[:300]
+        raise VerificationError(
+            f"ONNX Runtime cannot run the exported graph on a batch of {len(inputs[0])}: "
+            f"{detail}; expected a graph with a dynamic batch axis that ONNX Runtime runs"
+        ) from exc
     expected = oracle_outputs if oracle_outputs is not None else from_reference
     parity_abs, parity_rel = _errors(got, expected)
     reference_rel = _errors(from_reference, expected)[1] if oracle_outputs is not None else None
@@ -86,7 +93,11 @@ def _errors(got: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, f
     worst_abs, worst_rel = 0.0, 0.0
     for g, e in zip(got, expected, strict=True):
         if g.shape != e.shape:
-            raise VerificationError(f"output shape {g.shape} differs from the oracle's {e.shape}")
+            raise VerificationError(
+                f"output shape {g.shape} differs from the oracle's {e.shape}"
+                + ("; the graph fixes the batch size" if g.shape[:1] != e.shape[:1] else "")
+                + "; expected the oracle's shapes with a dynamic batch axis"
+            )
         g64, e64 = g.astype(np.float64), e.astype(np.float64)
         diff = float(np.max(np.abs(g64 - e64), initial=0.0))
         if not np.isfinite(diff):  # NaN in one and not the other, or Inf

@@ -21,6 +21,7 @@ import onnx
 from ..errors import BatchStatisticsError, UnsupportedGraphError
 from .affine_bn import rewrite_as_affine
 from .batchnorm import BatchNorm, read_batch_norm
+from .constants import materialize_parameters
 from .conv_affine import AffineFold, fold_conv_affines
 from .conv_bn import scale_conv_output
 from .conv_transpose_bn import scale_conv_transpose_output
@@ -29,7 +30,20 @@ from .graph import Graph
 from .linear_bn import scale_gemm_output, scale_matmul_output
 from .naming import layer_name, unique_names
 
-__all__ = ["FoldResult", "FoldedLayer", "find_batch_norms", "fold_batch_norms"]
+__all__ = [
+    "FoldResult",
+    "FoldedLayer",
+    "find_batch_norms",
+    "fold_batch_norms",
+    "materialize_constants",
+]
+
+
+def materialize_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose computed weights and biases are initializers (see constants)."""
+    graph = Graph(copy.deepcopy(model))
+    materialize_parameters(graph)
+    return graph.model
 
 
 @dataclass
@@ -85,6 +99,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> FoldResult:
     """A copy of `model` with every BatchNormalization folded away, and what was done to each."""
     graph = Graph(copy.deepcopy(model))
     result = FoldResult(model=graph.model)
+    materialize_parameters(graph)
     batch_norms = find_batch_norms(graph)
     _materialize_parameters(graph, batch_norms)
     for bn in batch_norms:
