@@ -12,9 +12,9 @@ import orjson
 import pytest
 from onnx import helper
 from onnx_builders import const, model, rand
-from service.launcher import ServiceProcess
 
 from export import fold_onnx
+from service.launcher import ServiceProcess
 
 MAX_BODY = 256 * 1024
 TOKEN = "s3cret-admin"
