@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestContextMiddleware,
         max_body=settings.max_request_bytes,
         metrics=s.metrics,
-        known_model=lambda name: name in s.registry.names(),
+        known_model=s.registry.knows,
     )
     return app
 

@@ -73,6 +73,9 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def knows(self, name: str) -> bool:
+        return name in self._models
+
     def entry(self, name: str) -> ModelEntry:
         entry = self._models.get(name)
         if entry is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..errors import NotFound, ServiceError, Unavailable
+from ..errors import Unavailable
 from ..model import LoadedModel
 from ..protocol.datatypes import TRITON_TYPES
 from ..protocol.schemas import ErrorResponse, ModelMetadata, ModelReadyResponse
@@ -86,14 +86,15 @@ async def version_metadata(model_name: str, model_version: str, s: ServicesDep):
 
 
 async def _ready(s: Services, name: str, version: str | None):
+    """200 only when the server and the version are both ready (clients read the status)."""
     try:
         model = s.registry.get(name, version)
-    except NotFound:
-        raise
-    except ServiceError:
+    except Unavailable:
+        model = None
+    if model is None or not s.ready:
         body = {"name": name, "version": version, "ready": False}
         return JSONResponse(body, status_code=503)
-    return ModelReadyResponse(name=name, version=str(model.version), ready=s.ready)
+    return ModelReadyResponse(name=name, version=str(model.version), ready=True)
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse, responses=ERRORS)
