@@ -247,6 +247,7 @@ def test_sigterm_turns_unready_first_then_drains_every_accepted_request(repo):
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     assert server.status("/v2/health/ready") == 503  # not ready first...
+    assert server.status("/v2/models/small/ready") == 503
     assert infer(server.url, x[:1])[0].status_code == 200  # ...while still serving
     code = server.process.wait(30)
     stop.set()
