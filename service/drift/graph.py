@@ -5,8 +5,9 @@ One ONNX graph computes, from one input batch, in one session.run:
     stored running statistics (what the service serves);
   * the batch-statistics path: a copy of the graph in which every BatchNormalization normalizes
     with the batch's own mean and biased variance over every axis but the channel axis, which
-    is PyTorch's train-mode forward (updating nothing). It is written with ReduceMean/Sub/Div,
-    not BatchNormalization(training_mode=1), which the CUDA execution provider rejects;
+    is PyTorch's train-mode forward (updating nothing). The statistics come from ReduceMean and
+    ReduceSumSquare and feed an eval-mode BatchNormalization, not BatchNormalization with
+    training_mode=1, which the CUDA execution provider rejects;
   * taps: each BN layer's per-channel input mean and variance on both paths, the input's shape,
     and the stored running mean and variance.
 """
@@ -93,9 +94,9 @@ def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -
         )
         layers.append(layer)
         axes = [0, *range(2, layer.rank)]
-        mean, var = builder.moments(x, axes)
-        builder.output(builder.flatten(mean), layer.tap("global_mean"))
-        builder.output(builder.flatten(var), layer.tap("global_var"))
+        mean, var = builder.moments(x, axes, layer.channels)
+        builder.output(mean, layer.tap("global_mean"))
+        builder.output(var, layer.tap("global_var"))
         builder.output(builder.node("Shape", [x]), layer.tap("shape"))
         builder.output(builder.node("Identity", [node.input[3]]), layer.tap("running_mean"))
         builder.output(builder.node("Identity", [node.input[4]]), layer.tap("running_var"))
@@ -115,18 +116,18 @@ def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -
             continue
         layer = by_node[node.name or node.input[0]]
         axes = [0, *range(2, layer.rank)]
-        mean, var = builder.moments(inputs[0], axes)
-        centered = builder.node("Sub", [inputs[0], mean])
-        eps = builder.constant(np.array(layer.epsilon, dtype=np.float32), like=inputs[0])
-        std = builder.node("Sqrt", [builder.node("Add", [var, eps])])
-        normalized = builder.node("Div", [centered, std])
-        channel_shape = builder.constant(np.array([1, -1] + [1] * (layer.rank - 2), np.int64))
-        scale = builder.node("Reshape", [inputs[1], channel_shape])
-        shift = builder.node("Reshape", [inputs[2], channel_shape])
-        scaled = builder.node("Mul", [normalized, scale])
-        builder.add(helper.make_node("Add", [scaled, shift], [batch(node.output[0])]))
-        builder.output(builder.flatten(mean), layer.tap("batch_mean"))
-        builder.output(builder.flatten(var), layer.tap("batch_var"))
+        mean, var = builder.moments(inputs[0], axes, layer.channels)
+        # Eval-mode BatchNormalization fed the batch's own statistics is exactly train mode's
+        # normalization, in one fused pass, and every execution provider runs it.
+        normalize = helper.make_node(
+            "BatchNormalization",
+            [*inputs[:3], mean, var],
+            [batch(node.output[0])],
+            epsilon=layer.epsilon,
+        )
+        builder.add(normalize)
+        builder.output(mean, layer.tap("batch_mean"))
+        builder.output(var, layer.tap("batch_var"))
 
     outputs = [o.name for o in graph.output]
     for name in outputs:
@@ -161,16 +162,23 @@ class _Builder:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return self.node("CastLike", [name, like]) if like is not None else name
 
-    def reduce_mean(self, x: str, axes: list[int]) -> str:
+    def reduce(self, op: str, x: str, axes: list[int]) -> str:
         if self.opset >= 18:
-            return self.node("ReduceMean", [x, self.constant(np.array(axes, np.int64))], keepdims=1)
-        return self.node("ReduceMean", [x], axes=axes, keepdims=1)
+            return self.node(op, [x, self.constant(np.array(axes, np.int64))], keepdims=1)
+        return self.node(op, [x], axes=axes, keepdims=1)
 
-    def moments(self, x: str, axes: list[int]) -> tuple[str, str]:
-        """Per-channel mean and biased variance (two-pass), both kept at the input's rank."""
-        mean = self.reduce_mean(x, axes)
-        centered = self.node("Sub", [x, mean])
-        return mean, self.reduce_mean(self.node("Mul", [centered, centered]), axes)
+    def moments(self, x: str, axes: list[int], channels: int) -> tuple[str, str]:
+        """Per-channel mean and biased variance, flat (C,), two-pass for precision.
+
+        ReduceSumSquare of the centered input costs one pass and no squared copy; this and one
+        ReduceMean are all the analysis adds per layer and path, which keeps a stat-drift call
+        near two forward passes.
+        """
+        mean = self.reduce("ReduceMean", x, axes)
+        sum_squares = self.reduce("ReduceSumSquare", self.node("Sub", [x, mean]), axes)
+        per_channel = self.node("Div", [self.node("Size", [x]), self.constant(np.array(channels))])
+        var = self.node("Div", [sum_squares, self.node("CastLike", [per_channel, x])])
+        return self.flatten(mean), self.flatten(var)
 
     def flatten(self, x: str) -> str:
         return self.node("Reshape", [x, self.constant(np.array([-1], np.int64))])
