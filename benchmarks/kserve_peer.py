@@ -9,6 +9,7 @@ a kserve.Model whose predict() runs the session. Runs in its own virtual environ
 from __future__ import annotations
 
 import argparse
+import uuid
 from pathlib import Path
 
 import kserve
@@ -30,7 +31,9 @@ class OnnxModel(kserve.Model):
         y = self.session.run([self.output_name], {self.input_name: x})[0]
         output = InferOutput(name=self.output_name, shape=list(y.shape), datatype="FP32")
         output.set_data_from_numpy(y, binary_data=True)
-        return InferResponse(model_name=self.name, infer_outputs=[output], response_id=payload.id)
+        # KServe's response schema requires an id; requests without one get a fresh one.
+        response_id = payload.id or uuid.uuid4().hex
+        return InferResponse(model_name=self.name, infer_outputs=[output], response_id=response_id)
 
 
 def main() -> None:

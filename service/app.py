@@ -39,6 +39,7 @@ def build_services(settings: Settings) -> Services:
         max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,
+        workers=settings.inference_threads,
     )
     registry = ModelRegistry(
         ModelRepository(settings.repository),

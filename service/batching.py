@@ -32,6 +32,7 @@ class BatchingConfig:
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256  # requests waiting
+    workers: int = 1  # batches run at once (each on its own executor thread)
 
     @property
     def enabled(self) -> bool:
@@ -65,6 +66,7 @@ class BatchScheduler:
         self.queue: deque[_Pending] = deque()
         self._arrival: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
         self._recent_batch_seconds = 0.05
 
     async def submit(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -87,13 +89,24 @@ class BatchScheduler:
         return await pending.future  # cancelled by a timeout: the worker skips it
 
     async def _work(self) -> None:
+        slots = asyncio.Semaphore(max(self.config.workers, 1))
+
+        def finished(task: asyncio.Task) -> None:
+            self._running.discard(task)
+            slots.release()
+
         while True:
             await self._arrival.wait()
             self._arrival.clear()
             while self.queue:
+                await slots.acquire()  # the next batch forms while the running ones compute
                 batch = await self._collect()
-                if batch:
-                    await self._execute(batch)
+                if not batch:
+                    slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(finished)
 
     async def _collect(self) -> list[_Pending]:
         """Wait (at most max_queue_delay after the oldest arrival) for a fuller batch."""
@@ -172,6 +185,8 @@ class BatchScheduler:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
+        for task in self._running:
+            task.cancel()
         for pending in self.queue:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable(f"model '{self.name}' was unloaded"))

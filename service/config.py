@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     device_id: int = Field(0, ge=0, description="CUDA device for the CUDA EP")
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 = physical cores")
     inference_threads: int = Field(
-        0, ge=0, description="threads that run sessions off the event loop; 0 = one per model"
+        1, ge=1, description="batches each model version runs at once, each on its own thread"
     )
     version_policy: str = Field(
         "latest", description="latest | all | specific:1,3 — which versions each model serves"

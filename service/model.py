@@ -49,7 +49,9 @@ class LoadedModel:
         self.labels = self.card.labels()
         self._check_signature()
         self.output_names = [o.name for o in self.outputs]
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.name}-{self.version}")
+        self.executor = ThreadPoolExecutor(
+            max(options.batching.workers, 1), thread_name_prefix=f"ort-{self.name}-{self.version}"
+        )
         self.batching = self._batching(options.batching)
         self.scheduler = BatchScheduler(
             self.name, self.run_sync, self.executor, self.batching, options.metrics
@@ -85,12 +87,13 @@ class LoadedModel:
                     int(v) for v in serving.get("preferred_batch_sizes", ())
                 ),
                 max_queue_size=int(serving.get("max_queue_size", defaults.max_queue_size)),
+                workers=defaults.workers,
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"model.json serving settings are invalid: {exc}") from None
         batch_axis = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
         if config.enabled and not batch_axis:  # outputs could not be split per request
-            return BatchingConfig(max_queue_size=config.max_queue_size)
+            return BatchingConfig(max_queue_size=config.max_queue_size, workers=config.workers)
         return config
 
     def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
