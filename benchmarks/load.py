@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.loadgen import run_load
+from benchmarks.loadgen import LoadResult, run_load
 from benchmarks.resnet import export_benchmark_model
-from benchmarks.serving import binary_body
+from benchmarks.serving import binary_body, json_body
 from service.launcher import ROOT, ServiceProcess, free_port
 from service.runtime import SessionFactory
 
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--queue-delay-us", type=int, default=4000)
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--queue-delay-us", type=int, default=2000)
     parser.add_argument("--no-kserve", action="store_true")
     args = parser.parse_args(argv)
 
@@ -106,80 +106,70 @@ def main(argv: list[str] | None = None) -> None:
     x = np.random.default_rng(1).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     body, headers = binary_body(x, "images")
     infer = "/v2/models/resnet18/infer"
-    rows = []
+    rows: list[tuple[str, float, LoadResult | None]] = []
+
+    def load(url: str, content: bytes, request_headers: dict) -> LoadResult:
+        return run_load(
+            url, infer, content, request_headers, clients=args.clients, seconds=args.seconds
+        )
 
     raw = raw_throughput(path / "model.onnx", args.size, [1, 2, 4, 8, 16], args.seconds / 4)
     best_batch = max(raw, key=raw.get)
-    for batch, rate in raw.items():
-        rows.append((f"raw session.run, batch {batch}", rate, None, None, None))
+    rows += [(f"raw session.run, batch {batch}", rate, None) for batch, rate in raw.items()]
 
-    env = {
-        "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
-        "BNSERVE_LOG_LEVEL": "warning",
+    configs = {
+        f"bnserve, dynamic batching <= {args.max_batch_size}": {
+            "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
+        },
+        "bnserve, no batching": {},
+        "bnserve, 2 x 1-thread sessions": {
+            "BNSERVE_INFERENCE_THREADS": "2",
+            "BNSERVE_INTRA_OP_THREADS": "1",
+        },
     }
-    with ServiceProcess(args.repository, env=env) as server:
-        result = run_load(
-            server.url, infer, body, headers, clients=args.clients, seconds=args.seconds
-        )
-        bnserve = result.throughput()
-        rows.append(
-            (
-                "bnserve, dynamic batching",
-                bnserve,
-                result.percentile(50),
-                result.percentile(99),
-                result,
-            )
-        )
-    with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
-        result = run_load(
-            server.url, infer, body, headers, clients=args.clients, seconds=args.seconds
-        )
-        rows.append(
-            (
-                "bnserve, no batching",
-                result.throughput(),
-                result.percentile(50),
-                result.percentile(99),
-                result,
-            )
-        )
-    kserve = None
+    bnserve = 0.0
+    for name, env in configs.items():
+        with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning", **env}) as server:
+            result = load(server.url, body, headers)
+        bnserve = max(bnserve, result.throughput())
+        rows.append((name, result.throughput(), result))
+    kserve = 0.0
     if not args.no_kserve:
         with KServeProcess(path / "model.onnx") as peer:
-            result = run_load(
-                peer.url, infer, body, headers, clients=args.clients, seconds=args.seconds
-            )
-            kserve = result.throughput()
-            rows.append(
-                (
-                    f"KServe {KSERVE_PIN.split('==')[1]} Python server",
-                    kserve,
-                    result.percentile(50),
-                    result.percentile(99),
-                    result,
+            for encoding, (content, request_headers) in {
+                "JSON": json_body(x, "images"),
+                "binary": (body, headers),
+            }.items():
+                result = load(peer.url, content, request_headers)
+                kserve = max(kserve, result.throughput())
+                rows.append(
+                    (
+                        f"KServe {KSERVE_PIN.split('==')[1]}, {encoding} requests",
+                        result.throughput(),
+                        result,
+                    )
                 )
-            )
 
-    print(f"\n{args.clients} clients, single-sample binary requests, ResNet-18-sized CNN "
-          f"{args.size}x{args.size}, {os.cpu_count()} cores, {args.seconds:g} s per server")  # fmt: skip
+    print(f"\n{args.clients} clients, single-sample requests, ResNet-18-sized CNN {args.size}x{args.size}, "
+          f"{os.cpu_count()} cores, {args.seconds:g} s per server")  # fmt: skip
     print(
         f"{'':<34} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
     )
     print("-" * 92)
-    for name, rate, p50, p99, result in rows:
-        codes = dict(result.codes) | dict(result.errors) if result else ""
-        p50_text = f"{p50:7.1f}" if p50 is not None else f"{'':7}"
-        p99_text = f"{p99:7.1f}" if p99 is not None else f"{'':7}"
-        print(
-            f"{name:<34} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {p50_text} | {p99_text} | {codes}"
+    for name, rate, result in rows:
+        latency = (
+            f"{result.percentile(50):7.1f} | {result.percentile(99):7.1f}"
+            if result
+            else f"{'':7} | {'':7}"
         )
+        codes = dict(result.codes) | dict(result.errors) if result else ""
+        print(f"{name:<34} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
     print(
-        f"\nbnserve / raw session.run at its best batch size ({best_batch}): {bnserve / raw[best_batch]:.3f}"
+        f"\nbnserve (best row) / raw session.run at its best batch size ({best_batch}): {bnserve / raw[best_batch]:.3f}"
     )
     if kserve:
-        print(f"bnserve / KServe throughput: {bnserve / kserve:.3f}")
+        print(f"bnserve (best row) / KServe (best row): {bnserve / kserve:.3f}")
 
 
 if __name__ == "__main__":

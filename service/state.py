@@ -30,7 +30,8 @@ class Services:
         return self.started and not self.draining
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    # async: FastAPI would run a plain function dependency on a worker thread per request
     return request.app.state.services
 
 

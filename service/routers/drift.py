@@ -26,13 +26,13 @@ router = APIRouter(tags=["stat-drift (debug)"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)}
 
 
-def enabled(s: ServicesDep) -> Services:
+async def enabled(s: ServicesDep) -> Services:
     if not s.settings.debug_endpoints or s.drift is None:
         raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
     return s
 
 
-def debug(
+async def debug(
     s: Annotated[Services, Depends(enabled)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Services:

@@ -21,7 +21,7 @@ ERRORS = {
 }
 
 
-def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Services:
+async def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Services:
     check_bearer(authorization, s.settings.admin_token, "the repository API", "BNSERVE_ADMIN_TOKEN")
     return s
 
