@@ -50,7 +50,7 @@ class PeakRss:
         self._thread.join()
 
 
-def overload(repo: Path, body, headers, clients: int, seconds: float) -> dict:
+def overload(repo: Path, body, headers, clients: int, seconds: float, *, polite: bool) -> dict:
     env = {
         "BNSERVE_MAX_BATCH_SIZE": "8",
         "BNSERVE_MAX_QUEUE_SIZE": "16",
@@ -58,7 +58,7 @@ def overload(repo: Path, body, headers, clients: int, seconds: float) -> dict:
     }
     with ServiceProcess(repo, env=env) as server, PeakRss(server.process.pid) as rss:
         result = run_load(server.url, "/v2/models/resnet18/infer", body, headers,
-                          clients=clients, seconds=seconds)  # fmt: skip
+                          clients=clients, seconds=seconds, honor_retry_after=polite)  # fmt: skip
         ready = server.status("/v2/health/ready")
     return {
         "result": result,
@@ -140,28 +140,37 @@ def main(argv: list[str] | None = None) -> None:
     x = np.random.default_rng(2).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
     body, headers = binary_body(x, "images")
 
-    o = overload(args.repository, body, headers, args.clients, args.overload_seconds)
+    storm = overload(
+        args.repository, body, headers, args.clients, args.overload_seconds, polite=False
+    )
+    polite = overload(
+        args.repository, body, headers, args.clients, args.overload_seconds / 2, polite=True
+    )
     h = hot_reload(args.repository, body, headers, clients=8)
     d = drain(args.repository, body, headers, clients=8)
 
-    r = o["result"]
     print(f"\nFaults under load, ResNet-18-sized CNN {args.size}x{args.size}, 127.0.0.1")
-    print(f"{'scenario':<38} | figures")
-    print("-" * 100)
-    print(f"{f'overload: {args.clients} clients, {args.overload_seconds:g} s':<38} | "
-          f"served {r.ok} ({r.throughput():.1f}/s), 503 {r.codes.get(503, 0)}, other codes "
-          f"{ {k: v for k, v in r.codes.items() if k not in (200, 503)} }, errors {dict(r.errors)}")  # fmt: skip
-    print(f"{'  memory (RSS)':<38} | start {o['rss_start_mb']:.0f} MiB, peak {o['rss_peak_mb']:.0f} MiB; "
-          f"ready afterwards: {o['ready_after'] == 200}")  # fmt: skip
+    print(f"{'scenario':<42} | figures")
+    print("-" * 110)
+    for label, o, seconds in (
+        ("overload, retry storm (no backoff)", storm, args.overload_seconds),
+        ("overload, clients honor Retry-After", polite, args.overload_seconds / 2),
+    ):
+        r = o["result"]
+        print(f"{f'{label}: {args.clients} clients, {seconds:g} s':<42} | "
+              f"served {r.ok} ({r.throughput():.1f}/s), 503 {r.codes.get(503, 0)}, other codes "
+              f"{ {k: v for k, v in r.codes.items() if k not in (200, 503)} }, client-side errors {dict(r.errors)}")  # fmt: skip
+        print(f"{'  memory (RSS)':<42} | start {o['rss_start_mb']:.0f} MiB, peak {o['rss_peak_mb']:.0f} MiB; "
+              f"ready afterwards: {o['ready_after'] == 200}")  # fmt: skip
     hr = h["result"]
     failed = sum(v for k, v in hr.codes.items() if k != 200) + sum(hr.errors.values())
-    print(f"{'hot reload under load (8 clients)':<38} | {hr.ok} served, {failed} failed; load call "
+    print(f"{'hot reload under load (8 clients)':<42} | {hr.ok} served, {failed} failed; load call "
           f"{h.get('load_status')} in {h.get('load_seconds', 0):.2f} s")  # fmt: skip
     dr = d["result"]
     dropped = sum(v for k, v in dr.codes.items() if k != 200) + sum(
         v for k, v in dr.errors.items() if k != "ConnectionRefusedError"
     )
-    print(f"{'SIGTERM under load (8 clients)':<38} | {dr.ok} served, {dropped} accepted-then-dropped, "
+    print(f"{'SIGTERM under load (8 clients)':<42} | {dr.ok} served, {dropped} accepted-then-dropped, "
           f"{dr.errors.get('ConnectionRefusedError', 0)} refused after close; unready after "
           f"{d.get('unready_after_ms', 0):.0f} ms, exit after {d.get('exit_seconds', 0):.1f} s")  # fmt: skip
 

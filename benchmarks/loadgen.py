@@ -40,8 +40,11 @@ def run_load(
     clients: int,
     seconds: float,
     warmup: float = 2.0,
+    honor_retry_after: bool = False,
 ) -> LoadResult:
-    """Only requests that start after the warm-up and finish before the end are counted."""
+    """Only requests that start after the warm-up and finish before the end are counted.
+    With honor_retry_after, a client answered 503 waits as its Retry-After header says, as
+    well-behaved clients do; without, it retries at once (a retry storm)."""
     parts = urlsplit(url)
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
@@ -59,6 +62,7 @@ def run_load(
                 response = connection.getresponse()
                 response.read()
                 code = response.status
+                retry_after = response.getheader("retry-after")
                 if response.getheader("connection", "").lower() == "close":
                     connection.close()
             except (OSError, http.client.HTTPException) as exc:
@@ -74,6 +78,8 @@ def run_load(
                     result.codes[code] += 1
                     if code == 200:
                         result.latencies.append(ended - began)
+            if honor_retry_after and code == 503 and retry_after:
+                time.sleep(min(float(retry_after), max(stop_at - time.perf_counter(), 0)))
         connection.close()
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]

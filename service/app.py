@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body=settings.max_request_bytes,
         metrics=s.metrics,
         known_model=s.registry.knows,
+        shed=s.inference.shed,
     )
     return app
 

@@ -69,15 +69,22 @@ class BatchScheduler:
         self._running: set[asyncio.Task] = set()
         self._recent_batch_seconds = 0.05
 
+    def full(self) -> Unavailable | None:
+        """The 503 to answer when the queue is full (counted as a rejection), else None."""
+        if len(self.queue) < self.config.max_queue_size:
+            return None
+        self.metrics.rejected.labels(self.name, "queue_full").inc()
+        per_batch = max(self.config.max_batch_size, 1) * max(self.config.workers, 1)
+        return Unavailable(
+            f"model '{self.name}' has {len(self.queue)} requests queued, the limit "
+            f"(BNSERVE_MAX_QUEUE_SIZE={self.config.max_queue_size}); retry later",
+            retry_after=self._recent_batch_seconds * len(self.queue) / per_batch,
+        )
+
     async def submit(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-        if len(self.queue) >= self.config.max_queue_size:
-            self.metrics.rejected.labels(self.name, "queue_full").inc()
-            wait = self._recent_batch_seconds * len(self.queue) / max(self.config.max_batch_size, 1)
-            raise Unavailable(
-                f"model '{self.name}' has {len(self.queue)} requests queued, the limit "
-                f"(BNSERVE_MAX_QUEUE_SIZE={self.config.max_queue_size}); retry later",
-                retry_after=wait,
-            )
+        rejection = self.full()
+        if rejection is not None:
+            raise rejection
         loop = asyncio.get_running_loop()
         if self._worker is None:
             self._arrival = asyncio.Event()

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 import numpy as np
 
 from .config import Settings
-from .errors import GatewayTimeout, Unavailable
+from .errors import GatewayTimeout, ServiceError, Unavailable
 from .metrics import Metrics
 from .model import LoadedModel
 from .protocol.codec import DecodedRequest, decode_request, encode_response, parse_request
 from .registry import ModelRegistry
+
+INFERENCE_PATH = re.compile(
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?:infer|stat-drift)$"
+)
 
 
 class InferenceService:
@@ -55,15 +60,34 @@ class InferenceService:
                 labels=model.labels,
             )
 
+    def shed(self, path: str) -> ServiceError | None:
+        """For the middleware, before a body is read: the 503 an inference request to `path`
+        would get anyway (queue full, too many in flight). Reading and decoding megabytes only
+        to refuse them would spend the CPU an overload leaves for the accepted requests."""
+        match = INFERENCE_PATH.match(path)
+        if match is None:
+            return None
+        try:
+            model = self.registry.get(match["model"], match["version"])
+        except ServiceError:
+            return None  # the route answers 404/503 with the reason
+        if self.in_flight >= self.settings.max_concurrency:
+            self.metrics.rejected.labels(model.name, "concurrency").inc()
+            return self._too_many()
+        return model.scheduler.full()
+
+    def _too_many(self) -> Unavailable:
+        return Unavailable(
+            f"{self.in_flight} requests are in flight, the limit "
+            f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
+        )
+
     @contextlib.contextmanager
     def admitted(self, model: LoadedModel):
         """Admission for one request: bounded in-flight count across all models."""
         if self.in_flight >= self.settings.max_concurrency:
             self.metrics.rejected.labels(model.name, "concurrency").inc()
-            raise Unavailable(
-                f"{self.in_flight} requests are in flight, the limit "
-                f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
-            )
+            raise self._too_many()
         self.in_flight += 1
         try:
             yield

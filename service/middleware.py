@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import orjson
 
+from .errors import ServiceError
 from .logs import request_id
 from .metrics import Metrics
 
@@ -37,8 +38,10 @@ class RequestContextMiddleware:
         max_body: int,
         metrics: Metrics,
         known_model: Callable[[str], bool],
+        shed: Callable[[str], ServiceError | None] = lambda path: None,
     ) -> None:
         self.app = app
+        self.shed = shed
         self.max_body = max_body
         self.metrics = metrics
         self.known_model = known_model
@@ -63,6 +66,12 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
+                refusal = self.shed(scope["path"])
+                if refusal is not None:  # refused before reading the body
+                    await _error(
+                        send_with_id, refusal.status_code, refusal.message, refusal.headers
+                    )
+                    return
                 try:
                     body = await self._read_body(headers, receive)
                 except TooLarge as exc:
@@ -151,8 +160,10 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _error(send, status: int, message: str) -> None:
+async def _error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    """Answer and close: the request body was not (fully) read, so the connection ends."""
     payload = orjson.dumps({"error": message})
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
@@ -161,6 +172,7 @@ async def _error(send, status: int, message: str) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
+                *extra,
             ],
         }
     )
