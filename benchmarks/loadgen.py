@@ -27,6 +27,14 @@ class LoadResult:
     def throughput(self, samples_per_request: int = 1) -> float:
         return self.ok * samples_per_request / self.seconds
 
+    def merge(self, other: LoadResult) -> LoadResult:
+        return LoadResult(
+            seconds=self.seconds + other.seconds,
+            latencies=self.latencies + other.latencies,
+            codes=self.codes + other.codes,
+            errors=self.errors + other.errors,
+        )
+
     def percentile(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else 0.0
 
