@@ -13,14 +13,27 @@ import onnx
 from .graph import Graph
 
 
-def scale_conv_output(graph: Graph, conv: onnx.NodeProto, a: np.ndarray, b: np.ndarray) -> bool:
-    """Rewrite `conv` to compute a * conv(x) + b per output channel; False if it cannot be."""
+def conv_parameters(
+    graph: Graph, conv: onnx.NodeProto, channels_axis: int = 0, groups: int = 1
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A convolution's constant weight and its bias as a (Cout,) vector (zeros if absent), or
+    None when either is not a constant of the shapes ONNX specifies."""
     weight = graph.constant(conv.input[1])
     if weight is None or weight.ndim < 3:
+        return None
+    channels = weight.shape[channels_axis] * groups
+    bias = graph.optional_constant(conv, 2, np.zeros(channels, weight.dtype))
+    if bias is None or bias.shape != (channels,):
+        return None
+    return weight, bias
+
+
+def scale_conv_output(graph: Graph, conv: onnx.NodeProto, a: np.ndarray, b: np.ndarray) -> bool:
+    """Rewrite `conv` to compute a * conv(x) + b per output channel; False if it cannot be."""
+    parameters = conv_parameters(graph, conv)
+    if parameters is None:
         return False
-    bias = graph.optional_constant(conv, 2, np.zeros(weight.shape[0], weight.dtype))
-    if bias is None:
-        return False
+    weight, bias = parameters
     channels = weight.shape[0]
     a, b = np.broadcast_to(a, (channels,)), np.broadcast_to(b, (channels,))
     new_weight = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .conv_bn import conv_parameters
 from .graph import Graph, attribute
 
 
@@ -16,17 +17,13 @@ def scale_conv_transpose_output(
     graph: Graph, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray
 ) -> bool:
     """Rewrite `node` to compute a * conv_transpose(x) + b per output channel."""
-    weight = graph.constant(node.input[1])
-    if weight is None or weight.ndim < 3:
-        return False
     groups = int(attribute(node, "group", 1))
-    if weight.shape[0] % groups:
+    parameters = conv_parameters(graph, node, channels_axis=1, groups=groups)
+    if parameters is None or parameters[0].shape[0] % groups:
         return False
+    weight, bias = parameters
     per_group = weight.shape[1]
     channels = groups * per_group
-    bias = graph.optional_constant(node, 2, np.zeros(channels, weight.dtype))
-    if bias is None:
-        return False
     a, b = np.broadcast_to(a, (channels,)), np.broadcast_to(b, (channels,))
     kernel = weight.shape[2:]
     grouped = weight.astype(np.float64).reshape((groups, -1, per_group, *kernel))

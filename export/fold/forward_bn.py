@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from .batchnorm import BatchNorm
+from .conv_bn import conv_parameters
 from .graph import Graph, attribute, set_attribute
 
 
@@ -42,12 +43,10 @@ def _into_conv(graph: Graph, conv: onnx.NodeProto, a: np.ndarray, b: np.ndarray)
     auto_pad = attribute(conv, "auto_pad", b"NOTSET")
     if (pads is not None and any(pads)) or auto_pad not in (b"NOTSET", b"VALID"):
         return False
-    weight = graph.constant(conv.input[1])
-    if weight is None or weight.ndim < 3:
+    parameters = conv_parameters(graph, conv)
+    if parameters is None:
         return False
-    bias = graph.optional_constant(conv, 2, np.zeros(weight.shape[0], weight.dtype))
-    if bias is None:
-        return False
+    weight, bias = parameters
     groups = int(attribute(conv, "group", 1))
     out_channels, in_per_group = weight.shape[:2]
     if a.size != groups * in_per_group or out_channels % groups:
