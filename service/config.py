@@ -30,7 +30,6 @@ class Settings(BaseSettings):
         0.0, ge=0, description="seconds between repository polls for new versions; 0 = off"
     )
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies: 413")
-    max_json_depth: int = Field(8, ge=2, description="deeper JSON nesting is refused with 400")
     request_timeout: float = Field(30.0, gt=0, description="seconds; slower requests get 504")
     max_queue_size: int = Field(256, ge=1, description="waiting requests per model before 503")
     max_concurrency: int = Field(64, ge=1, description="requests in flight across all models")

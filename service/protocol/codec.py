@@ -18,6 +18,7 @@ import orjson
 from pydantic import ValidationError
 
 from ..errors import BadRequest
+from . import json_tensors
 from .datatypes import NUMPY_TO_V2, element_size, numpy_dtype
 from .schemas import InferenceRequest, TensorMetadata
 
@@ -59,8 +60,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
             )
         json_part, binary = view[:size], view[size:]
     try:
-        document = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
+        document = json_tensors.loads(json_part)
+    except json_tensors.InvalidJSON as exc:
         raise BadRequest(f"request body is not valid JSON ({exc}); expected a v2 request") from None
     if not isinstance(document, dict):
         raise BadRequest(f"request body is a JSON {type(document).__name__}; expected an object")
@@ -125,7 +126,7 @@ def decode_request(
             raise BadRequest(
                 f"input '{item.name}' has neither data nor binary_data_size; expected one"
             )
-        elif not isinstance(item.data, list):
+        elif not isinstance(item.data, list | np.ndarray):
             raise BadRequest(
                 f"input '{item.name}' data is a {type(item.data).__name__}; expected an array"
             )
@@ -221,7 +222,9 @@ def _bytes_from_binary(name: str, raw: memoryview, count: int) -> np.ndarray:
 _KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
 
 
-def _from_json(name: str, data: list, datatype: str, count: int) -> np.ndarray:
+def _from_json(name: str, data: list | np.ndarray, datatype: str, count: int) -> np.ndarray:
+    """`data` is nested lists, or a flat array that json_tensors already parsed (of the
+    declared datatype's kind, exact)."""
     if datatype == "BF16":
         raise BadRequest(f"input '{name}' is BF16, which must be sent as binary data")
     if datatype == "BYTES":
@@ -252,7 +255,8 @@ def _from_json(name: str, data: list, datatype: str, count: int) -> np.ndarray:
                 f"input '{name}' data has values outside the {datatype} range "
                 f"[{info.min}, {info.max}]"
             )
-    return array.astype(target, copy=False).reshape(-1)
+    with np.errstate(over="ignore"):  # out of FP16 range: inf, refused as non-finite later
+        return array.astype(target, copy=False).reshape(-1)
 
 
 def _describe_kind(dtype: np.dtype) -> str:
