@@ -96,7 +96,10 @@ class InferenceService:
 
     async def within_timeout(self, model: LoadedModel, work, what: str = "inference"):
         try:
-            return await asyncio.wait_for(work, self.settings.request_timeout)
+            # asyncio.timeout cancels this task in place; wait_for would wrap `work` in a task
+            # of its own, one more event-loop round trip per request.
+            async with asyncio.timeout(self.settings.request_timeout):
+                return await work
         except TimeoutError:
             self.metrics.rejected.labels(model.name, "timeout").inc()
             raise GatewayTimeout(
