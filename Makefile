@@ -25,13 +25,20 @@ run: $(STAMP)
 	@$(BIN)/python -m service.examples --repository models --url http://$(HOST):$(PORT)
 	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT) --log-format text
 
-# The browser test drives Debian's chromium; without root or apt it is skipped, with a reason.
+# Real tools the tests drive: Debian's chromium (browser test), docker-compose (`config` of every
+# profile), nginx (`nginx -t`) and promtool. Without root or apt their tests skip, with a reason.
+SYSTEM_TOOLS := chromium chromedriver docker-compose nginx promtool
+SYSTEM_PACKAGES := chromium chromium-driver docker-compose nginx-light prometheus
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@missing=; for tool in $(SYSTEM_TOOLS); do \
+	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing=1; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
-	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
-	else echo "chromium/chromedriver missing and cannot be installed: browser tests will skip"; fi
+	  apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && \
+	    apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; } || \
+	  echo "could not install $(SYSTEM_PACKAGES): their tests will skip"; \
+	else echo "missing some of $(SYSTEM_TOOLS) and cannot install them: their tests will skip"; fi
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
