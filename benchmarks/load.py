@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=12, help="per way and round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--queue-delay-us", type=int, default=2000)
     parser.add_argument("--no-kserve", action="store_true")
     args = parser.parse_args(argv)
@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         },
         "bnserve, no batching": {},
         "bnserve, 2 x 1-thread sessions": {
+            "BNSERVE_INFERENCE_THREADS": "2",
+            "BNSERVE_INTRA_OP_THREADS": "1",
+        },
+        f"bnserve, batching <= {args.max_batch_size}, 2 x 1-thr": {
+            "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
             "BNSERVE_INFERENCE_THREADS": "2",
             "BNSERVE_INTRA_OP_THREADS": "1",
         },
