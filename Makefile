@@ -26,9 +26,10 @@ run: $(STAMP)
 	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT) --log-format text
 
 # Real tools the tests drive: Debian's chromium (browser test), docker-compose (`config` of every
-# profile), nginx (`nginx -t`) and promtool. Without root or apt their tests skip, with a reason.
-SYSTEM_TOOLS := chromium chromedriver docker-compose nginx promtool
-SYSTEM_PACKAGES := chromium chromium-driver docker-compose nginx-light prometheus
+# profile), nginx (`nginx -t`), promtool, and docker.io + debootstrap (the engine test builds the
+# images and runs compose, ~4 min). Without root or apt their tests skip, with a reason.
+SYSTEM_TOOLS := chromium chromedriver docker-compose nginx promtool dockerd debootstrap
+SYSTEM_PACKAGES := chromium chromium-driver docker-compose nginx-light prometheus docker.io debootstrap
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing=1; done; \

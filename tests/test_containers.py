@@ -8,8 +8,11 @@ Three layers, cheapest first:
   base matching onnxruntime-gpu's CUDA major). Linters missing on the machine skip their test.
 * command lines: the exact ENTRYPOINT/CMD/ENV/HEALTHCHECK of the images, read from the
   Dockerfile and the compose file, run here without an engine against a read-only repository.
-* engine (opt-in, BNSERVE_DOCKER_TESTS=1, root): a private dockerd (docker/dockerd.sh), a
-  debootstrap base image, `docker-compose build` and `up`, and requests through 127.0.0.1.
+* engine (root; BNSERVE_DOCKER_TESTS=auto by default: runs where docker.io, docker-compose and
+  debootstrap are installed and the torch CPU wheel is on local disk, so the build needs only
+  PyPI; =1 builds from PyTorch's index otherwise, =0 skips): a private dockerd
+  (docker/dockerd.sh), a debootstrap base image, `docker-compose build` and `up`, and requests
+  through 127.0.0.1. About 4 minutes from nothing, 1 minute with the images cached.
 """
 
 from __future__ import annotations
@@ -534,9 +537,9 @@ def test_export_command_line_skips_existing_version(demo_repository, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# a real engine (opt-in)
+# a real engine
 
-DOCKER_TESTS = os.environ.get("BNSERVE_DOCKER_TESTS") == "1"
+DOCKER_TESTS = os.environ.get("BNSERVE_DOCKER_TESTS", "auto")
 PROJECT = "bnserve-test"
 
 
@@ -547,11 +550,8 @@ def _tail(text: str, lines: int = 25) -> str:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """A private dockerd with the debootstrap base image; yields the environment for docker."""
-    if not DOCKER_TESTS:
-        pytest.skip(
-            "opt-in: BNSERVE_DOCKER_TESTS=1 builds the images and runs docker-compose "
-            "(root, docker.io, docker-compose, debootstrap; ~5 min cold, ~1 min cached)"
-        )
+    if DOCKER_TESTS == "0":
+        pytest.skip("BNSERVE_DOCKER_TESTS=0")
     if os.geteuid() != 0:
         pytest.skip("needs root: starts a private dockerd and runs debootstrap")
     for tool in ("dockerd", "docker", "docker-compose", "debootstrap"):
@@ -559,6 +559,11 @@ def engine(tmp_path_factory):
             pytest.skip(
                 f"{tool} not installed (apt-get install docker.io docker-compose debootstrap)"
             )
+    if DOCKER_TESTS != "1" and _local_torch_wheel() is None:
+        pytest.skip(
+            "no torch CPU wheel on local disk (BNSERVE_DOCKER_WHEELS or PIP_FIND_LINKS) for the "
+            "export image; BNSERVE_DOCKER_TESTS=1 builds it from PyTorch's CPU index"
+        )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
     state = Path(os.environ.get("BNSERVE_DOCKERD_DIR", "/tmp/bnserve-dockerd"))
     env["BNSERVE_DOCKERD_DIR"] = str(state)
@@ -588,6 +593,23 @@ def engine(tmp_path_factory):
             subprocess.run([dockerd, "stop"], env=env, check=False)
 
 
+def _torch_wheel_pattern() -> str:
+    pins = pyproject()["project"]["optional-dependencies"]["export"]
+    version = next(d for d in pins if d.startswith("torch==")).split("==")[1]
+    return f"torch-{version}+cpu-cp311-cp311-manylinux*_x86_64.whl"
+
+
+def _local_torch_wheel() -> Path | None:
+    """The pinned torch CPU wheel in docker/wheels/ or a local wheel folder, if any."""
+    pattern = _torch_wheel_pattern()
+    sources = os.environ.get("BNSERVE_DOCKER_WHEELS") or os.environ.get("PIP_FIND_LINKS", "")
+    for folder in [str(DOCKER / "wheels"), *sources.split()]:
+        found = sorted(Path(folder.removeprefix("file://")).glob(pattern))
+        if found:
+            return found[-1]
+    return None
+
+
 def _build_inputs(env: dict[str, str]) -> dict[str, str]:
     """Local build inputs: the CA bundle pip must trust and, when found, the torch CPU wheel
     (docker/certs/, docker/wheels/, both gitignored). Returns compose variables."""
@@ -596,19 +618,12 @@ def _build_inputs(env: dict[str, str]) -> dict[str, str]:
     if ca and Path(ca).is_file():
         (DOCKER / "certs").mkdir(exist_ok=True)
         shutil.copyfile(ca, DOCKER / "certs" / "ca-certificates.crt")
-    wheels = DOCKER / "wheels"
-    pins = pyproject()["project"]["optional-dependencies"]["export"]
-    version = next(d for d in pins if d.startswith("torch==")).split("==")[1]
-    pattern = f"torch-{version}+cpu-cp311-cp311-manylinux*_x86_64.whl"
-    if not list(wheels.glob(pattern)):
-        sources = os.environ.get("BNSERVE_DOCKER_WHEELS") or os.environ.get("PIP_FIND_LINKS", "")
-        for folder in sources.split():
-            found = sorted(Path(folder.removeprefix("file://")).glob(pattern))
-            if found:
-                wheels.mkdir(exist_ok=True)
-                shutil.copyfile(found[-1], wheels / found[-1].name)
-                break
-    if list(wheels.glob(pattern)):
+    wheel = _local_torch_wheel()
+    if wheel is not None:
+        wheels = DOCKER / "wheels"
+        wheels.mkdir(exist_ok=True)
+        if wheel.parent.resolve() != wheels.resolve():
+            shutil.copyfile(wheel, wheels / wheel.name)
         variables["TORCH_INDEX_URL"] = ""  # local wheel only
     return variables
 
