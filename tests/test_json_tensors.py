@@ -112,3 +112,15 @@ def test_a_proxy_left_alive_does_not_break_the_next_request():
     alive = parser.parse(b'{"inputs": []}')
     assert loads(request([1.0, 2.0]))["inputs"][0]["data"].tolist() == [1.0, 2.0]
     del alive
+
+
+def test_a_large_document_leaves_no_parser_buffers_behind():
+    from service.protocol import json_tensors
+
+    kept = json_tensors._local.parser = json_tensors.simdjson.Parser()
+    values = [0.5] * (json_tensors.REUSE_LIMIT // 4)
+    body = request(values)
+    assert len(body) > json_tensors.REUSE_LIMIT
+    data = loads(body)["inputs"][0]["data"]
+    assert data.size == len(values)
+    assert json_tensors._local.parser is kept  # the large one was not kept
