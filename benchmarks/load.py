@@ -109,22 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     body, headers = binary_body(x, "images")
     json_request = json_body(x, "images")
     infer = "/v2/models/resnet18/infer"
+    batching = {
+        "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
+    }
+    two_sessions = {"BNSERVE_INFERENCE_THREADS": "2", "BNSERVE_INTRA_OP_THREADS": "1"}
     configs = {
-        f"bnserve, dynamic batching <= {args.max_batch_size}": {
-            "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
-            "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
-        },
+        f"bnserve, dynamic batching <= {args.max_batch_size}": batching,
         "bnserve, no batching": {},
-        "bnserve, 2 x 1-thread sessions": {
-            "BNSERVE_INFERENCE_THREADS": "2",
-            "BNSERVE_INTRA_OP_THREADS": "1",
-        },
-        f"bnserve, batching <= {args.max_batch_size}, 2 x 1-thr": {
-            "BNSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
-            "BNSERVE_MAX_QUEUE_DELAY_US": str(args.queue_delay_us),
-            "BNSERVE_INFERENCE_THREADS": "2",
-            "BNSERVE_INTRA_OP_THREADS": "1",
-        },
+        "bnserve, 2 x 1-thread sessions": two_sessions,
+        f"bnserve, batching <= {args.max_batch_size}, 2 x 1-thr": batching | two_sessions,
     }
     batches = [1, 2, 4, 8, 16]
     raw_rates: dict[int, list[float]] = {b: [] for b in batches}

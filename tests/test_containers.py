@@ -593,15 +593,11 @@ def engine(tmp_path_factory):
             subprocess.run([dockerd, "stop"], env=env, check=False)
 
 
-def _torch_wheel_pattern() -> str:
-    pins = pyproject()["project"]["optional-dependencies"]["export"]
-    version = next(d for d in pins if d.startswith("torch==")).split("==")[1]
-    return f"torch-{version}+cpu-cp311-cp311-manylinux*_x86_64.whl"
-
-
 def _local_torch_wheel() -> Path | None:
     """The pinned torch CPU wheel in docker/wheels/ or a local wheel folder, if any."""
-    pattern = _torch_wheel_pattern()
+    pins = pyproject()["project"]["optional-dependencies"]["export"]
+    version = next(d for d in pins if d.startswith("torch==")).split("==")[1]
+    pattern = f"torch-{version}+cpu-cp311-cp311-manylinux*_x86_64.whl"
     sources = os.environ.get("BNSERVE_DOCKER_WHEELS") or os.environ.get("PIP_FIND_LINKS", "")
     for folder in [str(DOCKER / "wheels"), *sources.split()]:
         found = sorted(Path(folder.removeprefix("file://")).glob(pattern))

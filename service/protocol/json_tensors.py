@@ -35,12 +35,7 @@ class InvalidJSON(ValueError):
 def loads(data: bytes | memoryview):
     """Parse a JSON document; each inputs[i].data that is a flat array of numbers comes back as
     a 1-D numpy array (float64, int64 or uint64, exact), everything else as Python objects."""
-    document = _parse(data)
-    try:
-        return _request(document)
-    finally:
-        # A parser holds one document at a time: no proxy may outlive this call.
-        del document
+    return _request(_parse(data))
 
 
 def _parse(data: bytes | memoryview):
