@@ -1,4 +1,5 @@
-"""The FastAPI application: wiring of settings, registry, services, routers and error bodies."""
+"""The FastAPI application: the data plane, the REST routers over it, error bodies, and the
+gRPC server beside it (same process, same event loop) when asked for."""
 
 from __future__ import annotations
 
@@ -16,23 +17,23 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .batching import BatchingConfig
 from .config import Settings
+from .dataplane.plane import DataPlane
+from .dataplane.inference import InferenceService
 from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
-from .inference import InferenceService
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .model import ServingOptions
 from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
-from .routers import drift, health, infer, metrics, models, repository
+from .routers import drift, health, infer, metrics, models, repository, statistics
 from .runtime import SessionFactory
-from .state import Services
 
 log = logging.getLogger("bnserve.app")
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings) -> DataPlane:
     metrics_ = Metrics()
     factory = SessionFactory(settings.providers, settings.device_id, settings.intra_op_threads)
     batching = BatchingConfig(
@@ -50,17 +51,24 @@ def build_services(settings: Settings) -> Services:
     )
     inference = InferenceService(registry, settings, metrics_)
     drift = DriftService(registry, inference, settings) if settings.debug_endpoints else None
-    return Services(
-        settings=settings, metrics=metrics_, registry=registry, inference=inference, drift=drift
-    )
+    return DataPlane(settings, metrics_, registry, inference, drift)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastAPI:
+    """The REST app; with grpc=True its lifespan also runs the gRPC server on
+    settings.grpc_port (python -m service does; in-process test clients do not)."""
     settings = settings or Settings()
     s = build_services(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        grpc_server = None
+        if grpc and settings.grpc_port:
+            from .protocol.grpc.server import GrpcServer
+
+            grpc_server = GrpcServer(s)
+            await grpc_server.start()
+            app.state.grpc = grpc_server
         # Load in the background: /v2/health/live answers at once, ready turns true after.
         loader = asyncio.create_task(_start(s))
         poller = asyncio.create_task(_poll(s)) if settings.poll_interval > 0 else None
@@ -68,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             s.draining = True
+            if grpc_server is not None:  # in-flight calls finish within the grace period
+                await grpc_server.stop(settings.graceful_timeout)
             for task in (loader, poller):
                 if task is not None:
                     task.cancel()
@@ -83,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = s
-    for module in (health, models, infer, drift, repository, metrics):
+    for module in (health, statistics, models, infer, drift, repository, metrics):
         app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)
@@ -97,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _start(s: Services) -> None:
+async def _start(s: DataPlane) -> None:
     try:
         await s.registry.load_all()
     except Exception:
@@ -106,7 +116,7 @@ async def _start(s: Services) -> None:
     log.info("ready: %d model(s) loaded", len(s.registry.loaded_models()))
 
 
-async def _poll(s: Services) -> None:
+async def _poll(s: DataPlane) -> None:
     while True:
         await asyncio.sleep(s.settings.poll_interval)
         try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .dataplane.statistics import ModelStatistics
 from .errors import Unavailable
 from .metrics import Metrics
 
@@ -57,8 +58,18 @@ class _Pending:
 
 
 class BatchScheduler:
-    def __init__(self, name: str, run, executor, config: BatchingConfig, metrics: Metrics):
+    def __init__(
+        self,
+        name: str,
+        run,
+        executor,
+        config: BatchingConfig,
+        metrics: Metrics,
+        *,
+        statistics: ModelStatistics | None = None,
+    ):
         self.name = name
+        self.statistics = statistics or ModelStatistics()
         self.run = run  # dict[str, ndarray] -> dict[str, ndarray], thread-safe session.run
         self.executor = executor
         self.config = config
@@ -163,8 +174,10 @@ class BatchScheduler:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
+        queue_time = self.metrics.queue_time.labels(self.name)
         for pending in batch:
-            self.metrics.queue_time.labels(self.name).observe(started - pending.enqueued)
+            queue_time.observe(started - pending.enqueued)
+            self.statistics.queue.add(started - pending.enqueued)
         if len(batch) == 1:
             tensors = batch[0].tensors
         else:
@@ -182,6 +195,7 @@ class BatchScheduler:
         samples = sum(p.size for p in batch)
         self.metrics.compute_time.labels(self.name).observe(elapsed)
         self.metrics.batch_size.labels(self.name).observe(samples)
+        self.statistics.executed(samples, elapsed, len(batch))
         offset = 0
         for pending in batch:
             if not pending.future.done():

@@ -1,4 +1,5 @@
-"""python -m service: serve the model repository with uvicorn.
+"""python -m service: serve the model repository with uvicorn (REST) and, in the same process
+and event loop, grpcio's asyncio server (gRPC).
 
 Flags override BNSERVE_ environment variables, which override defaults.
 """
@@ -30,6 +31,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--repository", help="model repository folder (BNSERVE_REPOSITORY)")
     parser.add_argument("--host", help="address to bind (BNSERVE_HOST)")
     parser.add_argument("--port", type=int, help="port (BNSERVE_PORT)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = off (BNSERVE_GRPC_PORT)")
     parser.add_argument("--providers", choices=["auto", "cuda", "cpu"], help="BNSERVE_PROVIDERS")
     parser.add_argument("--version-policy", help="latest | all | specific:1,2")
     parser.add_argument("--poll-interval", type=float, help="seconds; 0 = no polling")
@@ -68,7 +70,7 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, grpc=True)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     repository: Path = Field(Path("models"), description="model repository (read-only is fine)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="gRPC (KServe v2 / Triton protocol) port; 0 = off"
+    )
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA EP when it really runs, else CPU EP"
     )

@@ -11,16 +11,21 @@ import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from .batching import BatchingConfig, BatchScheduler
 from .card import ModelCard
+from .dataplane.statistics import ModelStatistics
 from .metrics import Metrics
 from .protocol.datatypes import ORT_TO_V2
 from .repository import ModelLoadError, VersionFiles
 from .runtime import SessionFactory, provider_of
+
+if TYPE_CHECKING:
+    from .drift.analysis import DriftAnalyzer
 
 
 @dataclass(frozen=True)
@@ -49,17 +54,24 @@ class LoadedModel:
         self.labels = self.card.labels()
         self._check_signature()
         self.output_names = [o.name for o in self.outputs]
+        # A dynamic first axis on every tensor: requests may carry several samples, and
+        # batches of requests can be split back per request.
+        self.batch_axis = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
         self.executor = ThreadPoolExecutor(
             max(options.batching.workers, 1), thread_name_prefix=f"ort-{self.name}-{self.version}"
         )
         self.batching = self._batching(options.batching)
+        self.statistics = ModelStatistics()
         self.scheduler = BatchScheduler(
-            self.name, self.run_sync, self.executor, self.batching, options.metrics
-        )
+            self.name, self.run_sync, self.executor, self.batching, options.metrics,
+            statistics=self.statistics,
+        )  # fmt: skip
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
-        self.extensions: dict[str, object] = {}  # e.g. the stat-drift analyzer
+        # Typed extensions, set by registry load hooks (debug endpoints on).
+        self.drift: DriftAnalyzer | None = None
+        self.drift_error: str = ""  # why `drift` is None when stat-drift was asked for
 
     def _check_signature(self) -> None:
         """model.json and model.onnx must agree, or requests would be checked against a lie."""
@@ -91,8 +103,7 @@ class LoadedModel:
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"model.json serving settings are invalid: {exc}") from None
-        batch_axis = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
-        if config.enabled and not batch_axis:  # outputs could not be split per request
+        if config.enabled and not self.batch_axis:  # outputs could not be split per request
             return BatchingConfig(max_queue_size=config.max_queue_size, workers=config.workers)
         return config
 
@@ -128,7 +139,5 @@ class LoadedModel:
     def _close(self) -> None:
         self.scheduler.close()
         self.executor.shutdown(wait=False)
-        for extension in self.extensions.values():
-            closer = getattr(extension, "close", None)
-            if closer:
-                closer()
+        if self.drift is not None:
+            self.drift.close()

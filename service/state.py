@@ -1,38 +1,20 @@
-"""The objects one app instance is made of, built once and shared by the routers."""
+"""The data plane one app instance serves, reached by the REST routers as a dependency."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .config import Settings
-from .drift.service import DriftService
-from .inference import InferenceService
-from .metrics import Metrics
-from .registry import ModelRegistry
+from .dataplane.plane import DataPlane
+
+# The routers' historic name for the data plane.
+Services = DataPlane
 
 
-@dataclass
-class Services:
-    settings: Settings
-    metrics: Metrics
-    registry: ModelRegistry
-    inference: InferenceService
-    drift: DriftService | None = None  # when debug endpoints are on
-    started: bool = False  # first repository load finished
-    draining: bool = False  # shutting down: not ready, finishing what is in flight
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        return self.started and not self.draining
-
-
-async def services(request: Request) -> Services:
+async def services(request: Request) -> DataPlane:
     # async: FastAPI would run a plain function dependency on a worker thread per request
     return request.app.state.services
 
 
-ServicesDep = Annotated[Services, Depends(services)]
+ServicesDep = Annotated[DataPlane, Depends(services)]

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.dataplane.validation import from_json as _from_json
 from service.errors import BadRequest
-from service.protocol.codec import _from_json, parse_request
+from service.protocol.codec import parse_request
 from service.protocol.json_tensors import InvalidJSON, loads
 
 

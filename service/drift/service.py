@@ -1,25 +1,28 @@
-"""Stat-drift as a plain class: a v2 request in, a StatDriftResponse out."""
+"""Stat-drift as a plain class: the data plane's typed request in, a StatDriftResponse out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import Settings
 from ..errors import BadRequest, NotFound
-from ..inference import InferenceService
 from ..model import LoadedModel
-from ..protocol.codec import datatype_of
+from ..protocol.datatypes import NUMPY_TO_V2
 from ..registry import ModelRegistry
 from ..runtime import SessionFactory
 from .analysis import DriftAnalyzer, Thresholds, summarize
 from .graph import DriftGraph, DriftGraphError
 from .schemas import StatDriftResponse
 
+if TYPE_CHECKING:
+    from ..dataplane.inference import InferenceService
+    from ..dataplane.types import InferRequest
+
 log = logging.getLogger("bnserve.drift")
-EXTENSION = "stat_drift"
 
 
 def attach_analyzer(factory: SessionFactory):
@@ -27,9 +30,9 @@ def attach_analyzer(factory: SessionFactory):
 
     def attach(model: LoadedModel) -> None:
         try:
-            model.extensions[EXTENSION] = DriftAnalyzer(model.files, factory)
+            model.drift = DriftAnalyzer(model.files, factory)
         except (DriftGraphError, OSError, RuntimeError, ValueError) as exc:
-            model.extensions[f"{EXTENSION}_error"] = str(exc)
+            model.drift_error = str(exc)
             log.warning("stat-drift unavailable for %s v%s: %s", model.name, model.version, exc)
 
     return attach
@@ -43,20 +46,18 @@ class DriftService:
         self.thresholds = Thresholds(warn=settings.drift_warn, drift=settings.drift_alert)
 
     def analyzer(self, model: LoadedModel) -> DriftAnalyzer:
-        analyzer = model.extensions.get(EXTENSION)
+        analyzer = model.drift
         if analyzer is None:
-            reason = model.extensions.get(f"{EXTENSION}_error", "not built")
+            reason = model.drift_error or "not built"
             raise NotFound(f"stat-drift is not available for model '{model.name}': {reason}")
         return analyzer
 
-    async def analyze(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
-    ) -> StatDriftResponse:
-        model = self.registry.get(name, version)
+    async def analyze(self, request: InferRequest) -> StatDriftResponse:
+        model = self.registry.get(request.model_name, request.model_version)
         analyzer = self.analyzer(model)
         with model.use():
-            decoded = self.inference.decode(model, body, header_length)
-            parameters = decoded.request.parameters or {}
+            decoded = self.inference.validate(model, request)
+            parameters = request.parameters
             flags = {k: parameters.get(k, False) for k in ("return_outputs", "return_statistics")}
             for key, value in flags.items():
                 if not isinstance(value, bool):
@@ -89,7 +90,7 @@ class DriftService:
 def _tensor(name: str, array: np.ndarray) -> dict:
     return {
         "name": name,
-        "datatype": datatype_of(array),
+        "datatype": NUMPY_TO_V2[array.dtype],
         "shape": list(array.shape),
         "data": array.reshape(-1).tolist(),
     }

@@ -1,44 +1,29 @@
-"""Request decoding and response encoding for v2 REST, JSON and binary tensor data.
+"""The REST codec: v2 JSON and binary-tensor bodies to the data plane's typed requests, and its
+typed responses back to bodies.
 
 Binary tensor data extension: the body is the JSON header (its byte length in the
 Inference-Header-Content-Length HTTP header) followed by each binary tensor in the order of the
-inputs that carry a `binary_data_size` parameter. Responses use the same layout for outputs
-requested with `binary_data: true` (or all outputs, with `binary_data_output: true`).
+inputs that carry a `binary_data_size` parameter; each becomes a memoryview of the body, not a
+copy. Responses use the same layout for outputs requested with `binary_data: true` (or all
+outputs, with `binary_data_output: true`).
 """
 
 from __future__ import annotations
 
-import math
 import struct
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from ..dataplane.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 from ..errors import BadRequest
 from . import json_tensors
-from .datatypes import NUMPY_TO_V2, element_size, numpy_dtype
-from .schemas import InferenceRequest, TensorMetadata
+from .datatypes import NUMPY_TO_V2
+from .schemas import InferenceRequest
 
 HEADER_LENGTH = "inference-header-content-length"
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-
-@dataclass
-class RequestedOutput:
-    name: str
-    binary: bool
-    classification: int = 0
-
-
-@dataclass
-class DecodedRequest:
-    request: InferenceRequest
-    tensors: dict[str, np.ndarray]
-    outputs: list[RequestedOutput]
-    batch_size: int
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, memoryview]:
@@ -71,44 +56,15 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
         raise BadRequest(describe_validation_error(exc)) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors()[:3]:
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        problems.append(f"{where}: {error['msg']}")
-    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
-    return "invalid request: " + "; ".join(problems) + more
-
-
 def decode_request(
-    request: InferenceRequest,
-    binary: memoryview,
-    inputs: Sequence[TensorMetadata],
-    outputs: Sequence[TensorMetadata],
-    *,
-    max_elements: int,
-    reject_nonfinite: bool,
-) -> DecodedRequest:
-    """Validate the request against the model's inputs and outputs; build the input arrays."""
-    expected = {spec.name: spec for spec in inputs}
-    seen: set[str] = set()
-    tensors: dict[str, np.ndarray] = {}
-    offset = 0
-    for item in request.inputs:
-        if item.name not in expected:
-            raise BadRequest(f"unknown input '{item.name}'; expected {_names(expected)}")
-        if item.name in seen:
-            raise BadRequest(f"input '{item.name}' is given twice; expected it once")
-        seen.add(item.name)
-        spec = expected[item.name]
-        _check_signature(item.name, item.datatype, item.shape, spec)
-        count = math.prod(item.shape)
-        if count > max_elements:
-            raise BadRequest(
-                f"input '{item.name}' has shape {item.shape} = {count} elements; expected at "
-                f"most {max_elements} (the request size limit)"
-            )
+    model_name: str, model_version: str | None, body: bytes, header_length: str | None
+) -> InferRequest:
+    """A REST body as the data plane's request: binary tensors as views of `body`."""
+    parsed, binary = parse_request(body, header_length)
+    inputs, offset = [], 0
+    for item in parsed.inputs:
         size = _binary_size(item.name, item.parameters)
+        raw = None
         if size is not None:
             if item.data is not None:
                 raise BadRequest(
@@ -120,57 +76,45 @@ def decode_request(
                     f"but only {len(binary) - offset} remain; expected the full tensor after "
                     "the JSON header"
                 )
-            array = _from_binary(item.name, binary[offset : offset + size], item.datatype, count)
+            raw = binary[offset : offset + size]
             offset += size
-        elif item.data is None:
-            raise BadRequest(
-                f"input '{item.name}' has neither data nor binary_data_size; expected one"
-            )
-        elif not isinstance(item.data, list | np.ndarray):
-            raise BadRequest(
-                f"input '{item.name}' data is a {type(item.data).__name__}; expected an array"
-            )
-        else:
-            array = _from_json(item.name, item.data, item.datatype, count)
-        array = array.reshape(item.shape)
-        if reject_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadRequest(
-                f"input '{item.name}' contains NaN or Inf; expected finite values "
-                "(set BNSERVE_REJECT_NONFINITE=false to allow them)"
-            )
-        tensors[item.name] = array
-    missing = [name for name in expected if name not in seen]
-    if missing:
-        raise BadRequest(f"missing input(s) {missing}; expected {_names(expected)}")
+        inputs.append(InputTensor(item.name, item.datatype, item.shape, raw, item.data))
     if offset != len(binary):
         raise BadRequest(
             f"{len(binary) - offset} bytes of binary data follow the tensors declared by "
             "binary_data_size; expected exactly the declared bytes"
         )
-    batch_sizes = {a.shape[0] for a in tensors.values() if a.ndim}
-    if len(batch_sizes) > 1:
-        raise BadRequest(f"inputs have batch sizes {sorted(batch_sizes)}; expected one")
-    batch = batch_sizes.pop() if batch_sizes else 1
-    return DecodedRequest(
-        request=request,
-        tensors=tensors,
-        outputs=_requested_outputs(request, outputs),
-        batch_size=batch,
+    default_binary = _flag(parsed.parameters, "binary_data_output", "request")
+    outputs = None
+    if parsed.outputs:
+        outputs = []
+        for item in parsed.outputs:
+            binary_ = _flag(item.parameters, "binary_data", f"output '{item.name}'", default_binary)
+            top_k = (item.parameters or {}).get("classification", 0)
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+                raise BadRequest(
+                    f"output '{item.name}' has classification {top_k!r}; expected a positive "
+                    "integer"
+                )
+            outputs.append(RequestedOutput(item.name, binary_, top_k))
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        outputs=outputs,
+        id=parsed.id,
+        parameters=parsed.parameters or {},
+        default_binary=default_binary,
     )
 
 
-def _names(specs: Mapping[str, TensorMetadata]) -> str:
-    return "one of [" + ", ".join(f"'{n}'" for n in specs) + "]"
-
-
-def _check_signature(name: str, datatype: str, shape: list[int], spec: TensorMetadata) -> None:
-    if datatype != spec.datatype:
-        raise BadRequest(f"input '{name}' has datatype {datatype}; expected {spec.datatype}")
-    fits = len(shape) == len(spec.shape) and all(
-        d >= 0 and (e < 0 or d == e) for d, e in zip(shape, spec.shape, strict=True)
-    )
-    if not fits:
-        raise BadRequest(f"input '{name}' has shape {shape}; expected {spec.shape} (-1: any size)")
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "invalid request: " + "; ".join(problems) + more
 
 
 def _binary_size(name: str, parameters: dict | None) -> int | None:
@@ -184,112 +128,6 @@ def _binary_size(name: str, parameters: dict | None) -> int | None:
     return size
 
 
-def _from_binary(name: str, raw: memoryview, datatype: str, count: int) -> np.ndarray:
-    if datatype == "BYTES":
-        return _bytes_from_binary(name, raw, count)
-    if datatype == "BF16":
-        raise BadRequest(f"input '{name}' is BF16, which this server does not accept")
-    width = element_size(datatype)
-    if len(raw) != count * width:
-        raise BadRequest(
-            f"input '{name}' has {len(raw)} bytes of binary data; expected {count * width} "
-            f"({count} {datatype} elements of {width} bytes)"
-        )
-    return np.frombuffer(raw, dtype=numpy_dtype(datatype).newbyteorder("<"), count=count).astype(
-        numpy_dtype(datatype), copy=False
-    )
-
-
-def _bytes_from_binary(name: str, raw: memoryview, count: int) -> np.ndarray:
-    items, position = [], 0
-    while position < len(raw):
-        if position + 4 > len(raw):
-            break
-        (length,) = struct.unpack_from("<I", raw, position)
-        position += 4
-        if position + length > len(raw):
-            break
-        items.append(bytes(raw[position : position + length]))
-        position += length
-    if position != len(raw) or len(items) != count:
-        raise BadRequest(
-            f"input '{name}' binary BYTES data does not hold {count} length-prefixed elements; "
-            "expected 4-byte little-endian lengths each followed by that many bytes"
-        )
-    return np.array(items, dtype=np.object_)
-
-
-_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
-
-
-def _from_json(name: str, data: list | np.ndarray, datatype: str, count: int) -> np.ndarray:
-    """`data` is nested lists, or a flat array that json_tensors already parsed (of the
-    declared datatype's kind, exact)."""
-    if datatype == "BF16":
-        raise BadRequest(f"input '{name}' is BF16, which must be sent as binary data")
-    if datatype == "BYTES":
-        array = np.array(data, dtype=np.object_)
-        if array.size != count or not all(isinstance(v, str) for v in array.reshape(-1)):
-            raise BadRequest(f"input '{name}' data must be {count} strings for BYTES")
-        return np.array([v.encode() for v in array.reshape(-1)], dtype=np.object_)
-    target = numpy_dtype(datatype)
-    try:
-        array = np.asarray(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest(
-            f"input '{name}' data is not a rectangular array; expected {count} {datatype} "
-            "numbers, flat or nested to the input's shape"
-        ) from None
-    if array.dtype.kind not in _KINDS[target.kind] and array.size:
-        raise BadRequest(
-            f"input '{name}' data holds {_describe_kind(array.dtype)}; expected {datatype} numbers"
-        )
-    if array.size != count:
-        raise BadRequest(
-            f"input '{name}' data has {array.size} elements; expected {count} for its shape"
-        )
-    if target.kind in "iu" and array.size:
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
-            raise BadRequest(
-                f"input '{name}' data has values outside the {datatype} range "
-                f"[{info.min}, {info.max}]"
-            )
-    with np.errstate(over="ignore"):  # out of FP16 range: inf, refused as non-finite later
-        return array.astype(target, copy=False).reshape(-1)
-
-
-def _describe_kind(dtype: np.dtype) -> str:
-    return {
-        "b": "booleans",
-        "U": "strings",
-        "S": "strings",
-        "O": "mixed or non-numeric values",
-        "f": "non-integer numbers",
-    }.get(dtype.kind, str(dtype))
-
-
-def _requested_outputs(
-    request: InferenceRequest, outputs: Sequence[TensorMetadata]
-) -> list[RequestedOutput]:
-    known = {spec.name: spec for spec in outputs}
-    default_binary = _flag(request.parameters, "binary_data_output", "request")
-    if not request.outputs:
-        return [RequestedOutput(name=name, binary=default_binary) for name in known]
-    requested = []
-    for item in request.outputs:
-        if item.name not in known:
-            raise BadRequest(f"unknown output '{item.name}'; expected {_names(known)}")
-        binary = _flag(item.parameters, "binary_data", f"output '{item.name}'", default_binary)
-        top_k = (item.parameters or {}).get("classification", 0)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise BadRequest(
-                f"output '{item.name}' has classification {top_k!r}; expected a positive integer"
-            )
-        requested.append(RequestedOutput(name=item.name, binary=binary, classification=top_k))
-    return requested
-
-
 def _flag(parameters: dict | None, key: str, where: str, default: bool = False) -> bool:
     value = (parameters or {}).get(key, default)
     if not isinstance(value, bool):
@@ -297,31 +135,21 @@ def _flag(parameters: dict | None, key: str, where: str, default: bool = False) 
     return value
 
 
-def encode_response(
-    *,
-    model_name: str,
-    model_version: str,
-    request_id: str | None,
-    results: Mapping[str, np.ndarray],
-    requested: Sequence[RequestedOutput],
-    labels: Mapping[str, list[str] | None],
-) -> tuple[bytes, dict[str, str]]:
+def encode_response(response: InferResponse) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (binary layout when any output is binary)."""
-    header: dict = {"model_name": model_name, "model_version": model_version}
-    if request_id is not None:
-        header["id"] = request_id
+    header: dict = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        header["id"] = response.id
     entries, blobs = [], []
-    for spec in requested:
-        array = results[spec.name]
-        if spec.classification:
-            array = classify(array, spec.classification, labels.get(spec.name))
+    for output in response.outputs:
+        array = output.array
         entry: dict = {
-            "name": spec.name,
-            "datatype": datatype_of(array),
+            "name": output.name,
+            "datatype": NUMPY_TO_V2[array.dtype],
             "shape": list(array.shape),
         }
-        if spec.binary:
-            raw = _bytes_to_binary(array) if array.dtype == object else array.tobytes()
+        if output.binary:
+            raw = bytes_to_binary(array) if array.dtype == object else array.tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif array.dtype == object:
@@ -344,28 +172,12 @@ def datatype_of(array: np.ndarray) -> str:
     return NUMPY_TO_V2[np.dtype(array.dtype)]
 
 
-def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.ndarray:
-    """Triton's classification extension: top-k "value:index[:label]" strings per sample."""
-    if scores.ndim < 1 or scores.dtype == object:
-        raise BadRequest("classification needs a numeric output with classes on the last axis")
-    flat = scores.reshape(scores.shape[0] if scores.ndim > 1 else 1, -1)
-    k = min(top_k, flat.shape[1])
-    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    rows = []
-    for row, indices in zip(flat, order, strict=True):
-        cells = []
-        for index in indices:
-            label = f":{labels[index]}" if labels and index < len(labels) else ""
-            cells.append(f"{float(row[index]):f}:{int(index)}{label}".encode())
-        rows.append(cells)
-    return np.array(rows, dtype=np.object_).reshape((*scores.shape[:-1], k))
-
-
 def _text(value) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _bytes_to_binary(array: np.ndarray) -> bytes:
+def bytes_to_binary(array: np.ndarray) -> bytes:
+    """BYTES elements as the binary extension lays them out: 4-byte LE length, then bytes."""
     parts = []
     for value in array.reshape(-1):
         raw = value if isinstance(value, bytes) else str(value).encode()

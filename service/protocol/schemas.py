@@ -129,3 +129,67 @@ class RepositoryModel(BaseModel):
 
 class RepositoryLoadRequest(BaseModel):
     parameters: Parameters | None = None
+
+
+class TritonTensorConfig(BaseModel):
+    name: str
+    data_type: str = Field(description="Triton's TYPE_* name")
+    dims: list[int] = Field(description="without the batch axis when max_batch_size > 0")
+
+
+class TritonDynamicBatching(BaseModel):
+    preferred_batch_size: list[int] = []
+    max_queue_delay_microseconds: int = 0
+
+
+class TritonModelConfig(BaseModel):
+    """The part of Triton's model configuration a served ONNX model fills in."""
+
+    name: str
+    platform: str = "onnxruntime_onnx"
+    backend: str = "onnxruntime"
+    max_batch_size: int = Field(
+        description="> 0 when the batch axis is dynamic: the largest batch one request may carry"
+    )
+    input: list[TritonTensorConfig]
+    output: list[TritonTensorConfig]
+    dynamic_batching: TritonDynamicBatching | None = None
+
+
+class StatisticDuration(BaseModel):
+    count: int = 0
+    ns: int = 0
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration
+    fail: StatisticDuration
+    queue: StatisticDuration
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+    cache_hit: StatisticDuration
+    cache_miss: StatisticDuration
+
+
+class InferBatchStatistics(BaseModel):
+    batch_size: int
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+class ModelStatistics(BaseModel):
+    """Triton's statistics extension, per model version."""
+
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch of the last success")
+    inference_count: int = Field(description="samples inferred (a batch of 4 counts 4)")
+    execution_count: int = Field(description="model runs (dynamic batching merges requests)")
+    inference_stats: InferStatistics
+    batch_stats: list[InferBatchStatistics]
+
+
+class ModelStatisticsResponse(BaseModel):
+    model_stats: list[ModelStatistics]

@@ -16,9 +16,8 @@ from fastapi.responses import HTMLResponse
 
 from ..drift.schemas import StatDriftResponse
 from ..errors import NotFound
-from ..protocol.codec import HEADER_LENGTH
+from ..protocol.codec import HEADER_LENGTH, decode_request
 from ..protocol.schemas import ErrorResponse
-from ..security import check_bearer
 from ..state import Services, ServicesDep
 from .infer import REQUEST_BODY
 
@@ -36,7 +35,7 @@ async def debug(
     s: Annotated[Services, Depends(enabled)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Services:
-    check_bearer(authorization, s.settings.debug_token, "stat-drift", "BNSERVE_DEBUG_TOKEN")
+    s.authorize_debug(authorization)
     return s
 
 
@@ -46,7 +45,9 @@ EnabledDep = Annotated[Services, Depends(enabled)]
 
 async def _analyze(s: Services, request: Request, name: str, version: str | None):
     body = await request.body()
-    return await s.drift.analyze(name, version, body, request.headers.get(HEADER_LENGTH))
+    return await s.stat_drift(
+        decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
+    )
 
 
 DOC = (

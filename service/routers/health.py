@@ -8,8 +8,6 @@ from ..state import ServicesDep
 
 router = APIRouter(tags=["health"])
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "classification", "bnserve_stat_drift"]
-
 
 @router.get("/v2/health/live", response_model=LiveResponse)
 async def live() -> LiveResponse:
@@ -28,7 +26,5 @@ async def ready(s: ServicesDep):
 
 
 @router.get("/v2", response_model=ServerMetadata, responses={500: {"model": ErrorResponse}})
-async def server_metadata() -> ServerMetadata:
-    from .. import __version__
-
-    return ServerMetadata(name="bnserve", version=__version__, extensions=EXTENSIONS)
+async def server_metadata(s: ServicesDep) -> ServerMetadata:
+    return s.server_metadata()

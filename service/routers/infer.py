@@ -1,10 +1,13 @@
-"""POST /v2/models/{model}[/versions/{version}]/infer: JSON or binary tensor data."""
+"""POST /v2/models/{model}[/versions/{version}]/infer: JSON or binary tensor data.
+
+A thin REST codec over the data plane: the body (binary tensors stay views of it) becomes an
+InferRequest, the InferResponse becomes the body; the work and the checks are in the plane."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from ..protocol.codec import HEADER_LENGTH
+from ..protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from ..protocol.schemas import ErrorResponse, InferenceResponse
 from ..state import Services, ServicesDep
 
@@ -33,9 +36,8 @@ RESPONSES = {
 
 async def _infer(s: Services, request: Request, name: str, version: str | None) -> Response:
     body = await request.body()
-    content, headers = await s.inference.infer(
-        name, version, body, request.headers.get(HEADER_LENGTH)
-    )
+    decoded = decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
+    content, headers = encode_response(await s.infer(decoded))
     return Response(content, headers=headers)
 
 

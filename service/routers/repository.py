@@ -1,4 +1,6 @@
-"""Model repository extension: index, load (picks up new versions), unload. Admin token."""
+"""Model repository extension: index, load (picks up new versions), unload.
+
+Every route needs the admin token (BNSERVE_ADMIN_TOKEN), declared once for the router."""
 
 from __future__ import annotations
 
@@ -10,20 +12,22 @@ from pydantic import ValidationError
 from ..errors import BadRequest
 from ..protocol.codec import describe_validation_error
 from ..protocol.schemas import ErrorResponse, RepositoryIndexRequest, RepositoryModel
-from ..security import check_bearer
-from ..state import Services, ServicesDep
-
-router = APIRouter(tags=["repository"])
-ERRORS = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-}
+from ..state import ServicesDep
 
 
-async def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Services:
-    check_bearer(authorization, s.settings.admin_token, "the repository API", "BNSERVE_ADMIN_TOKEN")
-    return s
+async def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    s.authorize_admin(authorization)
+
+
+router = APIRouter(
+    tags=["repository"],
+    dependencies=[Depends(admin)],
+    responses={
+        400: {"model": ErrorResponse, "description": "the request does not fit the API"},
+        401: {"model": ErrorResponse, "description": "missing or wrong admin bearer token"},
+        404: {"model": ErrorResponse, "description": "model not in the repository"},
+    },
+)
 
 
 async def _ready_filter(request: Request) -> bool:
@@ -37,23 +41,17 @@ async def _ready_filter(request: Request) -> bool:
         raise BadRequest(describe_validation_error(exc)) from None
 
 
-AdminDep = Annotated[Services, Depends(admin)]
+@router.post("/v2/repository/index", response_model=list[RepositoryModel])
+async def index(request: Request, s: ServicesDep):
+    return s.repository_index(await _ready_filter(request))
 
 
-@router.post("/v2/repository/index", response_model=list[RepositoryModel], responses=ERRORS)
-async def index(request: Request, s: AdminDep) -> list[dict]:
-    only_ready = await _ready_filter(request)
-    rows = s.registry.index()
-    return [r for r in rows if r["state"] == "READY"] if only_ready else rows
+@router.post("/v2/repository/models/{model_name}/load")
+async def load(model_name: str, s: ServicesDep) -> dict:
+    return {"name": model_name, "versions": await s.load(model_name)}
 
 
-@router.post("/v2/repository/models/{model_name}/load", responses=ERRORS)
-async def load(model_name: str, s: AdminDep) -> dict:
-    entry = await s.registry.load(model_name)
-    return {"name": model_name, "versions": {str(v): st.state for v, st in entry.versions.items()}}
-
-
-@router.post("/v2/repository/models/{model_name}/unload", responses=ERRORS)
-async def unload(model_name: str, s: AdminDep) -> dict:
-    await s.registry.unload(model_name)
+@router.post("/v2/repository/models/{model_name}/unload")
+async def unload(model_name: str, s: ServicesDep) -> dict:
+    await s.unload(model_name)
     return {"name": model_name, "state": "UNAVAILABLE"}

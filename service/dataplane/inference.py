@@ -1,0 +1,152 @@
+"""Inference on the data plane: a typed request in, a typed response out, no protocol in sight.
+
+Order of checks: the model (404/503), then the request against the model's signature (400),
+then admission (503 when too many requests are in flight or the model's queue is full), then
+the run (504 past the timeout). Every outcome lands in the model's Triton statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+
+import numpy as np
+
+from ..config import Settings
+from ..errors import BadRequest, GatewayTimeout, ServiceError, Unavailable
+from ..metrics import Metrics
+from ..model import LoadedModel
+from ..registry import ModelRegistry
+from .types import InferRequest, InferResponse, OutputTensor, ValidatedRequest
+from .validation import validate
+
+INFERENCE_PATH = re.compile(
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?:infer|stat-drift)$"
+)
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+        # Each element takes at least one byte of body, binary or JSON.
+        self.max_elements = settings.max_request_bytes
+
+    def validate(self, model: LoadedModel, request: InferRequest) -> ValidatedRequest:
+        return validate(
+            request,
+            model.inputs,
+            model.outputs,
+            max_elements=self.max_elements,
+            reject_nonfinite=self.settings.reject_nonfinite,
+        )
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        model = self.registry.get(request.model_name, request.model_version)
+        started = time.perf_counter()
+        statistics = model.statistics
+        samples, ok = 0, False
+        with model.use():
+            try:
+                checked = self.validate(model, request)
+                samples = checked.batch_size
+                decoded = time.perf_counter()
+                statistics.compute_input.add(decoded - started)
+                results = await self.run(model, checked.tensors, checked.batch_size)
+                finishing = time.perf_counter()
+                outputs = [
+                    OutputTensor(
+                        spec.name,
+                        classify(results[spec.name], spec.classification, model.labels[spec.name])
+                        if spec.classification
+                        else results[spec.name],
+                        spec.binary,
+                    )
+                    for spec in checked.outputs
+                ]
+                statistics.compute_output.add(time.perf_counter() - finishing)
+                ok = True
+            finally:
+                statistics.finished(time.perf_counter() - started, samples, ok)
+        return InferResponse(model.name, str(model.version), request.id, outputs)
+
+    def shed(self, path: str) -> ServiceError | None:
+        """For REST, before a body is read: the 503 an inference request to `path` would get
+        anyway (queue full, too many in flight). Reading and decoding megabytes only to refuse
+        them would spend the CPU an overload leaves for the accepted requests."""
+        match = INFERENCE_PATH.match(path)
+        if match is None:
+            return None
+        return self.refusal(match["model"], match["version"])
+
+    def refusal(self, name: str, version: str | None) -> ServiceError | None:
+        """The 503 a request for this model would get now, or None (also None for unknown
+        models: the request itself answers 404/503 with the reason)."""
+        try:
+            model = self.registry.get(name, version)
+        except ServiceError:
+            return None
+        if self.in_flight >= self.settings.max_concurrency:
+            self.metrics.rejected.labels(model.name, "concurrency").inc()
+            return self._too_many()
+        return model.scheduler.full()
+
+    def _too_many(self) -> Unavailable:
+        return Unavailable(
+            f"{self.in_flight} requests are in flight, the limit "
+            f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
+        )
+
+    @contextlib.contextmanager
+    def admitted(self, model: LoadedModel):
+        """Admission for one request: bounded in-flight count across all models."""
+        if self.in_flight >= self.settings.max_concurrency:
+            self.metrics.rejected.labels(model.name, "concurrency").inc()
+            raise self._too_many()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def within_timeout(self, model: LoadedModel, work, what: str = "inference"):
+        try:
+            # asyncio.timeout cancels this task in place; wait_for would wrap `work` in a task
+            # of its own, one more event-loop round trip per request.
+            async with asyncio.timeout(self.settings.request_timeout):
+                return await work
+        except TimeoutError:
+            self.metrics.rejected.labels(model.name, "timeout").inc()
+            raise GatewayTimeout(
+                f"{what} on model '{model.name}' took longer than "
+                f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT); abandoned"
+            ) from None
+
+    async def run(
+        self, model: LoadedModel, tensors: dict[str, np.ndarray], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """Run one request's tensors, bounded in concurrency, queue length and time."""
+        with self.admitted(model):
+            self.metrics.request_batch_size.labels(model.name).observe(batch_size)
+            return await self.within_timeout(model, model.run(tensors, batch_size))
+
+
+def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.ndarray:
+    """Triton's classification extension: top-k "value:index[:label]" strings per sample."""
+    if scores.ndim < 1 or scores.dtype == object:
+        raise BadRequest("classification needs a numeric output with classes on the last axis")
+    flat = scores.reshape(scores.shape[0] if scores.ndim > 1 else 1, -1)
+    k = min(top_k, flat.shape[1])
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    rows = []
+    for row, indices in zip(flat, order, strict=True):
+        cells = []
+        for index in indices:
+            label = f":{labels[index]}" if labels and index < len(labels) else ""
+            cells.append(f"{float(row[index]):f}:{int(index)}{label}".encode())
+        rows.append(cells)
+    return np.array(rows, dtype=np.object_).reshape((*scores.shape[:-1], k))

@@ -1,0 +1,132 @@
+"""gRPC messages to and from the data plane's typed objects.
+
+Tensors travel as raw little-endian bytes (raw_input_contents / raw_output_contents, what
+tritonclient and perf_analyzer send) or as typed `contents`; both become the same InputTensor
+as REST's binary and JSON data, so the data plane checks them the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf import json_format
+
+from ...dataplane.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from ...errors import BadRequest
+from ..codec import bytes_to_binary
+from . import bnserve_inference_pb2 as pb
+
+# The typed contents field each datatype travels in (Triton's mapping).
+CONTENTS = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int64),
+    "INT16": ("int_contents", np.int64),
+    "INT32": ("int_contents", np.int64),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint64),
+    "UINT16": ("uint_contents", np.uint64),
+    "UINT32": ("uint_contents", np.uint64),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+    "BYTES": ("bytes_contents", None),
+}
+CONTENT_FIELDS = tuple(f.name for f in pb.InferTensorContents.DESCRIPTOR.fields)
+
+
+def parameters(mapping) -> dict:
+    """An InferParameter map as plain values."""
+    out = {}
+    for key, value in mapping.items():
+        kind = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, kind) if kind else None
+    return out
+
+
+def decode_infer(message: pb.ModelInferRequest) -> InferRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise BadRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
+            "expected one per input, in the order of the inputs"
+        )
+    inputs = []
+    for index, item in enumerate(message.inputs):
+        shape = list(item.shape)
+        if raw:
+            if item.HasField("contents"):
+                raise BadRequest(
+                    f"input '{item.name}' has both contents and raw_input_contents; expected one"
+                )
+            inputs.append(InputTensor(item.name, item.datatype, shape, raw=raw[index]))
+        else:
+            inputs.append(InputTensor(item.name, item.datatype, shape, data=_contents(item)))
+    outputs = None
+    if message.outputs:
+        outputs = []
+        for item in message.outputs:
+            top_k = parameters(item.parameters).get("classification", 0)
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+                raise BadRequest(
+                    f"output '{item.name}' has classification {top_k!r}; expected a positive "
+                    "integer (int64_param)"
+                )
+            outputs.append(RequestedOutput(item.name, True, top_k))
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version or None,
+        inputs=inputs,
+        outputs=outputs,
+        id=message.id or None,
+        parameters=parameters(message.parameters),
+        default_binary=True,
+    )
+
+
+def _contents(item) -> np.ndarray | list:
+    contents = item.contents
+    given = [name for name in CONTENT_FIELDS if len(getattr(contents, name))]
+    expected = CONTENTS.get(item.datatype)
+    if expected is None:  # FP16, BF16 or unknown: the data plane names the datatype problem
+        if given:
+            raise BadRequest(
+                f"input '{item.name}' of datatype {item.datatype} has no typed contents field; "
+                "expected raw_input_contents"
+            )
+        return []
+    field, dtype = expected
+    if not given and any(d != 0 for d in item.shape) and item.shape:
+        raise BadRequest(
+            f"input '{item.name}' has neither contents.{field} nor raw_input_contents; expected one"
+        )
+    if given and given != [field]:
+        raise BadRequest(
+            f"input '{item.name}' of datatype {item.datatype} carries {', '.join(given)}; "
+            f"expected {field}"
+        )
+    values = getattr(contents, field)
+    if dtype is None:
+        return list(values)
+    return np.array(values, dtype=dtype)
+
+
+def encode_infer(response: InferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id or ""
+    )
+    for output in response.outputs:
+        array = output.array
+        tensor = message.outputs.add()
+        tensor.name = output.name
+        tensor.datatype = output.datatype
+        tensor.shape.extend(array.shape)
+        message.raw_output_contents.append(
+            bytes_to_binary(array) if array.dtype == object else array.tobytes()
+        )
+    return message
+
+
+def from_model(model, message):
+    """A pydantic schema (the REST contract) into the protobuf message with the same fields."""
+    return json_format.ParseDict(
+        model.model_dump(exclude_none=True), message, ignore_unknown_fields=True
+    )

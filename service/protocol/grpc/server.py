@@ -1,0 +1,43 @@
+"""grpcio's asyncio server beside uvicorn: same process, same event loop, same data plane."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ...dataplane.plane import DataPlane
+from .servicer import Servicer
+
+log = logging.getLogger("bnserve.grpc")
+# grpcio refuses larger messages itself (RESOURCE_EXHAUSTED); up to this the servicer does,
+# with the same message REST gives for 413.
+CORE_LIMIT_SLACK = 1024 * 1024
+
+
+class GrpcServer:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        settings = plane.settings
+        self.address = f"{settings.host}:{settings.grpc_port}"
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_request_bytes + CORE_LIMIT_SLACK),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_concurrent_streams", settings.max_connections),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.server.add_generic_rpc_handlers((Servicer(plane).handlers(),))
+
+    async def start(self) -> None:
+        try:
+            self.port = self.server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"gRPC cannot listen on {self.address}: {exc}") from None
+        await self.server.start()
+        log.info("gRPC listening on %s", self.address)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls; let those in flight finish within `grace` seconds."""
+        await self.server.stop(grace)
