@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .batching import BatchingConfig
 from .config import Settings
-from .dataplane.plane import DataPlane
 from .dataplane.inference import InferenceService
+from .dataplane.plane import DataPlane
 from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
 from .metrics import Metrics
