@@ -28,13 +28,20 @@ class ServiceProcess:
     def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its own gRPC port too: servers started side by side must not share the default.
+        given = (env or {}).get("BNSERVE_GRPC_PORT")
+        if "--grpc-port" in args:
+            given = args[args.index("--grpc-port") + 1]
+        self.grpc_port = int(given) if given is not None else free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.log_path = Path(tempfile.gettempdir()) / f"bnserve-{self.port}.log"
         self.log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in stop()
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
         command = [
             sys.executable, "-m", "service", "--repository", str(repository),
-            "--host", "127.0.0.1", "--port", str(self.port), *args,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            *([] if given is not None else ["--grpc-port", str(self.grpc_port)]), *args,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, env=full_env, stdout=self.log, stderr=self.log)
 
