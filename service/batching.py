@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .dataplane.statistics import ModelStatistics
+from .dataplane.statistics import ModelStatistics, RunTiming
 from .errors import Unavailable
 from .metrics import Metrics
 
@@ -54,6 +54,7 @@ class _Pending:
     size: int
     signature: tuple
     future: asyncio.Future
+    timing: RunTiming | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -92,7 +93,9 @@ class BatchScheduler:
             retry_after=self._recent_batch_seconds * len(self.queue) / per_batch,
         )
 
-    async def submit(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    async def submit(
+        self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
+    ) -> dict[str, np.ndarray]:
         rejection = self.full()
         if rejection is not None:
             raise rejection
@@ -101,7 +104,7 @@ class BatchScheduler:
             self._arrival = asyncio.Event()
             self._worker = loop.create_task(self._work(), name=f"batcher-{self.name}")
         signature = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(tensors.items()))
-        pending = _Pending(tensors, size, signature, loop.create_future())
+        pending = _Pending(tensors, size, signature, loop.create_future(), timing)
         self.queue.append(pending)
         self._arrival.set()
         return await pending.future  # cancelled by a timeout: the worker skips it
@@ -177,7 +180,8 @@ class BatchScheduler:
         queue_time = self.metrics.queue_time.labels(self.name)
         for pending in batch:
             queue_time.observe(started - pending.enqueued)
-            self.statistics.queue.add(started - pending.enqueued)
+            if pending.timing is not None:
+                pending.timing.queue = started - pending.enqueued
         if len(batch) == 1:
             tensors = batch[0].tensors
         else:
@@ -195,9 +199,11 @@ class BatchScheduler:
         samples = sum(p.size for p in batch)
         self.metrics.compute_time.labels(self.name).observe(elapsed)
         self.metrics.batch_size.labels(self.name).observe(samples)
-        self.statistics.executed(samples, elapsed, len(batch))
+        self.statistics.executed(samples, elapsed)
         offset = 0
         for pending in batch:
+            if pending.timing is not None:
+                pending.timing.compute = elapsed
             if not pending.future.done():
                 part = {k: v[offset : offset + pending.size] for k, v in outputs.items()}
                 pending.future.set_result(part if len(batch) > 1 else outputs)

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from .batching import BatchingConfig, BatchScheduler
 from .card import ModelCard
-from .dataplane.statistics import ModelStatistics
+from .dataplane.statistics import ModelStatistics, RunTiming
 from .metrics import Metrics
 from .protocol.datatypes import ORT_TO_V2
 from .repository import ModelLoadError, VersionFiles
@@ -111,9 +111,11 @@ class LoadedModel:
         results = self.session.run(self.output_names, tensors)
         return dict(zip(self.output_names, results, strict=True))
 
-    async def run(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    async def run(
+        self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
+    ) -> dict[str, np.ndarray]:
         """Through the model's bounded queue (and dynamic batching where configured)."""
-        return await self.scheduler.submit(tensors, size)
+        return await self.scheduler.submit(tensors, size, timing)
 
     @contextlib.contextmanager
     def use(self):

@@ -19,6 +19,7 @@ from ..errors import BadRequest, GatewayTimeout, ServiceError, Unavailable
 from ..metrics import Metrics
 from ..model import LoadedModel
 from ..registry import ModelRegistry
+from .statistics import RunTiming
 from .types import InferRequest, InferResponse, OutputTensor, ValidatedRequest
 from .validation import validate
 
@@ -48,15 +49,12 @@ class InferenceService:
     async def infer(self, request: InferRequest) -> InferResponse:
         model = self.registry.get(request.model_name, request.model_version)
         started = time.perf_counter()
-        statistics = model.statistics
-        samples, ok = 0, False
         with model.use():
             try:
                 checked = self.validate(model, request)
-                samples = checked.batch_size
                 decoded = time.perf_counter()
-                statistics.compute_input.add(decoded - started)
-                results = await self.run(model, checked.tensors, checked.batch_size)
+                timing = RunTiming()
+                results = await self.run(model, checked.tensors, checked.batch_size, timing)
                 finishing = time.perf_counter()
                 outputs = [
                     OutputTensor(
@@ -68,10 +66,17 @@ class InferenceService:
                     )
                     for spec in checked.outputs
                 ]
-                statistics.compute_output.add(time.perf_counter() - finishing)
-                ok = True
-            finally:
-                statistics.finished(time.perf_counter() - started, samples, ok)
+            except BaseException:
+                model.statistics.failed(time.perf_counter() - started)
+                raise
+            end = time.perf_counter()
+            model.statistics.succeeded(
+                end - started,
+                checked.batch_size,
+                timing,
+                decode=decoded - started,
+                encode=end - finishing,
+            )
         return InferResponse(model.name, str(model.version), request.id, outputs)
 
     def shed(self, path: str) -> ServiceError | None:
@@ -127,12 +132,16 @@ class InferenceService:
             ) from None
 
     async def run(
-        self, model: LoadedModel, tensors: dict[str, np.ndarray], batch_size: int
+        self,
+        model: LoadedModel,
+        tensors: dict[str, np.ndarray],
+        batch_size: int,
+        timing: RunTiming | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request's tensors, bounded in concurrency, queue length and time."""
         with self.admitted(model):
             self.metrics.request_batch_size.labels(model.name).observe(batch_size)
-            return await self.within_timeout(model, model.run(tensors, batch_size))
+            return await self.within_timeout(model, model.run(tensors, batch_size, timing))
 
 
 def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.ndarray:

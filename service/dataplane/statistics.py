@@ -21,6 +21,14 @@ class Duration:
 
 
 @dataclass(slots=True)
+class RunTiming:
+    """Filled in by the batch scheduler for one request: seconds queued and in session.run."""
+
+    queue: float = 0.0
+    compute: float = 0.0
+
+
+@dataclass(slots=True)
 class BatchDurations:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
@@ -44,21 +52,29 @@ class ModelStatistics:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchDurations] = field(default_factory=dict)
 
-    def executed(self, batch_size: int, seconds: float, requests: int) -> None:
+    def executed(self, batch_size: int, seconds: float) -> None:
+        """One model run (of one or several requests' samples)."""
         self.execution_count += 1
-        self.compute_infer.add(seconds * requests, requests)
         batch = self.batches.get(batch_size)
         if batch is None:
             batch = self.batches[batch_size] = BatchDurations()
         batch.compute_infer.add(seconds)
 
-    def finished(self, seconds: float, samples: int, ok: bool) -> None:
-        if ok:
-            self.success.add(seconds)
-            self.inference_count += samples
-            self.last_inference_ms = int(time.time() * 1000)
-        else:
-            self.fail.add(seconds)
+    def succeeded(
+        self, total: float, samples: int, timing: RunTiming, decode: float, encode: float
+    ):
+        """All of one request's figures at once: perf_analyzer requires the compute counts of
+        any two snapshots to agree, so none may lag behind the others."""
+        self.success.add(total)
+        self.inference_count += samples
+        self.queue.add(timing.queue)
+        self.compute_input.add(decode)
+        self.compute_infer.add(timing.compute)
+        self.compute_output.add(encode)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def failed(self, total: float) -> None:
+        self.fail.add(total)
 
     def as_dict(self, name: str, version: str) -> dict:
         """The JSON form of Triton's ModelStatistics message (REST and gRPC codecs)."""
