@@ -168,6 +168,11 @@ class DataPlane:
         )
 
     # -- inference --------------------------------------------------------------------------
+    def check_model(self, name: str, version: str | None) -> None:
+        """404/503 for a model that cannot serve, before a codec decodes the tensors: an
+        unknown model's error says so, not what is wrong with the body."""
+        self.registry.get(name, version)
+
     async def infer(self, request: InferRequest) -> InferResponse:
         return await self.inference.infer(request)
 

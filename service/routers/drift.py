@@ -44,6 +44,7 @@ EnabledDep = Annotated[Services, Depends(enabled)]
 
 
 async def _analyze(s: Services, request: Request, name: str, version: str | None):
+    s.check_model(name, version)
     body = await request.body()
     return await s.stat_drift(
         decode_request(name, version, body, request.headers.get(HEADER_LENGTH))

@@ -35,6 +35,7 @@ RESPONSES = {
 
 
 async def _infer(s: Services, request: Request, name: str, version: str | None) -> Response:
+    s.check_model(name, version)
     body = await request.body()
     decoded = decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
     content, headers = encode_response(await s.infer(decoded))

@@ -171,6 +171,7 @@ class Servicer:
 
     # -- inference --------------------------------------------------------------------------
     async def model_infer(self, request, context):
+        self.plane.check_model(request.model_name, request.model_version or None)
         return encode_infer(await self.plane.infer(decode_infer(request)))
 
     # -- repository (admin token in the `authorization` metadata) ---------------------------

@@ -1,0 +1,492 @@
+"""gRPC (KServe v2 / Triton GRPCInferenceService) end to end: a real `python -m service` on
+127.0.0.1 serving REST and gRPC from one process, driven by tritonclient.grpc (the client Triton
+users have) and by Triton's own protobuf messages. Outputs are bitwise those of REST and of a
+direct ONNX Runtime session; every client mistake gets a status code and REST's message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from onnx import helper
+from onnx_builders import const, model, rand
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from export import fold_onnx
+from service.launcher import ROOT, ServiceProcess
+
+MAX_BODY = 256 * 1024
+TOKEN = "s3cret-admin"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@pytest.fixture(scope="module")
+def zoo(demo_repository, tmp_path_factory):
+    """digits; a two-input model with dynamic batching set in its model.json; the same graph
+    with a fixed batch of 2; a version whose model.onnx is corrupt."""
+    repo = tmp_path_factory.mktemp("grpc-zoo")
+    shutil.copytree(demo_repository / "digits", repo / "digits")
+    nodes = [
+        helper.make_node("MatMul", ["a", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["sum"]),
+    ]
+    weights = [const("w", rand(4, 3))]
+    fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="pair")  # fmt: skip
+    fold_onnx(model(nodes, weights, {"a": [2, 4], "b": [2, 3]}, {"sum": None}), repository=repo, name="fixed")  # fmt: skip
+    fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="broken")  # fmt: skip
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    card = repo / "pair" / "1" / "model.json"
+    document = json.loads(card.read_text())
+    document["serving"] = {"max_batch_size": 4, "max_queue_delay_us": 700}
+    card.write_text(json.dumps(document))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(zoo):
+    env = {"BNSERVE_MAX_REQUEST_BYTES": str(MAX_BODY), "BNSERVE_ADMIN_TOKEN": TOKEN}
+    with ServiceProcess(zoo, env=env) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = tg.InferenceServerClient(server.grpc_address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def rest(server):
+    c = th.InferenceServerClient(server.url.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """Triton's own generated stub and messages: an oracle independent of bnserve's proto."""
+    channel = grpc.insecure_channel(server.grpc_address)
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def raw_call(server):
+    """ModelInfer with bytes in and out: for messages no protobuf library would write."""
+    channel = grpc.insecure_channel(server.grpc_address)
+    yield channel.unary_unary(INFER)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def direct(demo_repository):
+    session = ort.InferenceSession(
+        str(demo_repository / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    return lambda x: session.run(["logits"], {"images": x})[0]
+
+
+def grpc_infer(client, x, name="digits", *, tensor="images", **kwargs):
+    item = tg.InferInput(tensor, list(x.shape), tg.np_to_triton_dtype(x.dtype))
+    item.set_data_from_numpy(x)
+    return client.infer(name, [item], **kwargs)
+
+
+def rest_infer(rest, x, *, binary=True, **kwargs):
+    item = th.InferInput("images", list(x.shape), "FP32")
+    item.set_data_from_numpy(x, binary_data=binary)
+    return rest.infer("digits", [item], **kwargs)
+
+
+def grpc_error(call, *args, **kwargs) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call(*args, **kwargs)
+    return caught.value.status(), caught.value.message()
+
+
+def rest_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+# -- every RPC ------------------------------------------------------------------------------
+def test_health_and_server_metadata(client, server):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("digits")
+    assert client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("broken")
+    metadata = client.get_server_metadata(as_json=True)
+    assert metadata == httpx.get(f"{server.url}/v2").json()
+    assert {"statistics", "binary_tensor_data", "classification"} <= set(metadata["extensions"])
+
+
+def test_model_metadata_matches_rest(client, server):
+    got = client.get_model_metadata("digits", as_json=True)
+    want = httpx.get(f"{server.url}/v2/models/digits").json()
+    assert got["name"] == want["name"] == "digits"
+    assert got["versions"] == want["versions"] == ["1"]
+    assert got["platform"] == want["platform"]
+    for kind in ("inputs", "outputs"):
+        assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in got[kind]] == [
+            (t["name"], t["datatype"], t["shape"]) for t in want[kind]
+        ]
+
+
+@pytest.mark.parametrize("sample", ["in_distribution", "inverted"])
+def test_outputs_are_bitwise_those_of_rest_and_a_direct_session(
+    client, rest, direct, digits_samples, sample
+):
+    x = digits_samples[sample]
+    result = grpc_infer(client, x, request_id="req-9")
+    got = result.as_numpy("logits")
+    assert got.tobytes() == direct(x).tobytes()
+    assert got.tobytes() == rest_infer(rest, x).as_numpy("logits").tobytes()
+    assert got.tobytes() == rest_infer(rest, x, binary=False).as_numpy("logits").tobytes()
+    response = result.get_response(as_json=True)
+    assert response["id"] == "req-9"
+    assert response["model_name"] == "digits"
+    assert response["model_version"] == "1"
+
+
+def test_typed_contents_give_the_same_outputs_as_raw_bytes(stub, direct, digits_samples):
+    x = digits_samples["in_distribution"][:3]
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
+    tensor.contents.fp32_contents.extend(x.reshape(-1).tolist())
+    response = stub.ModelInfer(request)
+    assert response.outputs[0].shape == [3, 10]
+    assert response.raw_output_contents[0] == direct(x).tobytes()
+
+
+def test_classification_matches_rest(client, rest, digits_samples):
+    x = digits_samples["in_distribution"][:4]
+    wanted = [tg.InferRequestedOutput("logits", class_count=3)]
+    got = grpc_infer(client, x, outputs=wanted).as_numpy("logits")
+    item = th.InferInput("images", list(x.shape), "FP32")
+    item.set_data_from_numpy(x)
+    rest_out = rest.infer(
+        "digits", [item], outputs=[th.InferRequestedOutput("logits", class_count=3)]
+    )
+    assert got.shape == (4, 3)
+    assert got.tolist() == rest_out.as_numpy("logits").tolist()
+
+
+def test_two_inputs_with_dynamic_batching(client):
+    a, b = rand(3, 4), rand(3, 3)
+    inputs = []
+    for name, value in (("a", a), ("b", b)):
+        item = tg.InferInput(name, list(value.shape), "FP32")
+        item.set_data_from_numpy(value)
+        inputs.append(item)
+    out = client.infer("pair", inputs).as_numpy("sum")
+    assert out.shape == (3, 3)
+
+
+def test_model_config_reports_the_batch_limit_as_triton_does(client, server):
+    for name in ("digits", "pair", "fixed"):
+        got = client.get_model_config(name, as_json=True)["config"]
+        want = httpx.get(f"{server.url}/v2/models/{name}/config").json()
+        assert int(got.get("max_batch_size", 0)) == want["max_batch_size"], name
+        assert [[int(d) for d in t["dims"]] for t in got["input"]] == [
+            t["dims"] for t in want["input"]
+        ]
+        assert ("dynamic_batching" in got) == ("dynamic_batching" in want)
+    digits = httpx.get(f"{server.url}/v2/models/digits/config").json()
+    assert digits["max_batch_size"] == (MAX_BODY - 64 * 1024) // 256  # 64 FP32 per sample
+    assert digits["input"] == [{"name": "images", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
+    assert "dynamic_batching" not in digits
+    pair = httpx.get(f"{server.url}/v2/models/pair/config").json()
+    assert pair["max_batch_size"] == 4
+    assert pair["dynamic_batching"]["max_queue_delay_microseconds"] == 700
+    assert [t["dims"] for t in pair["input"]] == [[4], [3]]
+    fixed = httpx.get(f"{server.url}/v2/models/fixed/config").json()
+    assert fixed["max_batch_size"] == 0
+    assert [t["dims"] for t in fixed["input"]] == [[2, 4], [2, 3]]
+
+
+def test_statistics_count_requests_samples_and_runs(client, server, digits_samples):
+    def snapshot():
+        stats = client.get_inference_statistics("digits", "1", as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    before_samples, before_runs = snapshot()
+    x = digits_samples["in_distribution"][:5]
+    for _ in range(3):
+        grpc_infer(client, x)
+    samples, runs = snapshot()
+    assert samples - before_samples == 15
+    assert runs - before_runs == 3
+    grpc_stats = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]
+    for path in (
+        "/v2/models/stats",
+        "/v2/models/digits/stats",
+        "/v2/models/digits/versions/1/stats",
+    ):
+        body = httpx.get(f"{server.url}{path}").json()
+        digits = next(s for s in body["model_stats"] if s["name"] == "digits")
+        assert digits["inference_count"] == int(grpc_stats["inference_count"])
+        for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+            duration = digits["inference_stats"][key]
+            assert duration["count"] == int(grpc_stats["inference_stats"][key]["count"])
+            assert duration["ns"] > 0
+    assert httpx.get(f"{server.url}/v2/models/nope/stats").status_code == 404
+    assert grpc_error(client.get_inference_statistics, "nope")[0] == "StatusCode.NOT_FOUND"
+
+
+def test_repository_calls_need_the_admin_token(client, server):
+    status, message = grpc_error(client.get_model_repository_index)
+    assert status == "StatusCode.UNAUTHENTICATED"
+    assert message == rest_error(httpx.post(f"{server.url}/v2/repository/index"), 401)
+    wrong = grpc_error(client.get_model_repository_index, headers={"authorization": "Bearer no"})
+    assert wrong[0] == "StatusCode.UNAUTHENTICATED"
+    index = client.get_model_repository_index(headers=AUTH, as_json=True)["models"]
+    assert {row["name"] for row in index} == {"digits", "pair", "fixed", "broken"}
+    broken = next(row for row in index if row["name"] == "broken")
+    assert broken["state"] == "UNAVAILABLE"
+    assert "sha256" in broken["reason"]
+
+
+def test_unload_and_load_over_grpc(client):
+    client.unload_model("pair", headers=AUTH)
+    assert not client.is_model_ready("pair")
+    status, message = grpc_error(grpc_infer, client, rand(1, 4), "pair", tensor="a")
+    assert status == "StatusCode.UNAVAILABLE"
+    assert "unloaded" in message
+    client.load_model("pair", headers=AUTH)
+    assert client.is_model_ready("pair")
+    assert grpc_error(client.load_model, "nope", headers=AUTH)[0] == "StatusCode.NOT_FOUND"
+
+
+# -- client mistakes: a status code and REST's message, never INTERNAL -----------------------
+def images(shape=(1, 1, 8, 8), datatype="FP32"):
+    count = int(np.prod(shape))
+    tensor = {"name": "images", "shape": list(shape), "datatype": datatype, "data": [0.5] * count}
+    return {"inputs": [tensor]}
+
+
+@pytest.mark.parametrize(
+    ("model_name", "version", "x", "rest_path", "rest_body", "code", "status"),
+    [
+        ("nope", "", np.zeros((1, 1, 8, 8), np.float32), "/v2/models/nope/infer", images(), "NOT_FOUND", 404),
+        ("digits", "7", np.zeros((1, 1, 8, 8), np.float32), "/v2/models/digits/versions/7/infer", images(), "NOT_FOUND", 404),
+        ("digits", "", np.zeros((1, 1, 8, 8), np.float64), "/v2/models/digits/infer", images(datatype="FP64"), "INVALID_ARGUMENT", 400),
+        ("digits", "", np.zeros((1, 1, 8, 7), np.float32), "/v2/models/digits/infer", images(shape=(1, 1, 8, 7)), "INVALID_ARGUMENT", 400),
+        ("broken", "", np.zeros((1, 4), np.float32), "/v2/models/broken/infer", images(), "UNAVAILABLE", 503),
+    ],
+)  # fmt: skip
+def test_errors_carry_the_status_and_message_rest_gives(  # noqa: PLR0917
+    client, server, model_name, version, x, rest_path, rest_body, code, status
+):
+    tensor = "a" if model_name == "broken" else "images"
+    got = grpc_error(grpc_infer, client, x, model_name, tensor=tensor, model_version=version)
+    assert got[0] == f"StatusCode.{code}"
+    assert got[1] == rest_error(httpx.post(f"{server.url}{rest_path}", json=rest_body), status)
+
+
+def infer_request(raw: list[bytes], shape=(1, 1, 8, 8), datatype="FP32", count=1):
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    for _ in range(count):
+        request.inputs.add(name="images", datatype=datatype, shape=list(shape))
+    request.raw_input_contents.extend(raw)
+    return request
+
+
+def call_status(stub, request) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    return caught.value.code(), caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("request_", "fragments"),
+    [
+        (infer_request([b"\0" * 256, b"\0" * 256]), ["raw_input_contents has 2 entries for 1 inputs"]),
+        (infer_request([b"\0" * 100]), ["input 'images' has 100 bytes of binary data", "expected 256"]),
+        (infer_request([b"\0" * 256] * 2, count=2), ["input 'images' is given twice"]),
+        (infer_request([b"\0" * 512], datatype="FP64"), ["datatype FP64", "expected FP32"]),
+        (infer_request([b"\0" * 128], datatype="BF16"), ["datatype BF16", "expected FP32"]),
+        (infer_request([b"\0" * 256], datatype="FLOAT"), ["datatype FLOAT", "expected FP32"]),
+        (infer_request([], shape=(1, 1, 8, 8)), ["neither contents.fp32_contents nor raw_input_contents"]),
+        (infer_request([b"\0" * 256], shape=(2**40, 1, 8, 8)), ["elements", "at most"]),
+    ],
+)  # fmt: skip
+def test_bad_raw_requests_get_invalid_argument(stub, request_, fragments):
+    code, message = call_status(stub, request_)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_contents_of_the_wrong_type_and_both_kinds_of_data(stub):
+    request = infer_request([])
+    request.inputs[0].contents.int_contents.extend([1] * 64)
+    code, message = call_status(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "carries int_contents; expected fp32_contents" in message
+    request = infer_request([b"\0" * 256])
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    assert "both contents and raw_input_contents" in call_status(stub, request)[1]
+    request = infer_request([b"\0" * 256])
+    request.outputs.add(name="probs")
+    code, message = call_status(stub, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown output 'probs'; expected one of ['logits']" in message
+
+
+@pytest.mark.parametrize(
+    "payload", [b"\xff\xff\xff\xff", b"\x0a\x05abc", b"\x3a\xff\xff\xff\xff\x0f"]
+)
+def test_malformed_protobuf_gets_invalid_argument(raw_call, payload):
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(payload)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest protobuf message" in caught.value.details()
+
+
+def test_messages_over_the_limit_get_resource_exhausted(stub, server):
+    code, message = call_status(stub, infer_request([b"\0" * (MAX_BODY + 1)]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "exceeds the limit of 262144 bytes (BNSERVE_MAX_REQUEST_BYTES)" in message
+    assert "exceeds the limit of 262144 bytes" in rest_error(
+        httpx.post(f"{server.url}/v2/models/digits/infer", content=b"x" * (MAX_BODY + 1)), 413
+    )
+    # Far over it, grpcio itself refuses before reading the message into memory.
+    code, _ = call_status(stub, infer_request([b"\0" * (MAX_BODY + 4 * 1024 * 1024)]))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_non_finite_inputs_are_refused(stub):
+    x = np.full((1, 1, 8, 8), 0.5, np.float32)
+    x[0, 0, 1, 1] = np.nan
+    code, message = call_status(stub, infer_request([x.tobytes()]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or Inf" in message
+
+
+def test_still_serving_after_the_hostile_calls(client, server, digits_samples):
+    assert client.is_server_ready()
+    grpc_infer(client, digits_samples["in_distribution"][:1])
+    output = server.output()
+    assert "Traceback" not in output
+    assert '"grpc_code":"INVALID_ARGUMENT"' in output  # access log lines carry the status
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'endpoint="/inference.GRPCInferenceService/ModelInfer"' in metrics
+
+
+# -- overload, timeouts, shutdown ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_repo(tmp_path_factory):
+    from torch_models import export_small
+
+    path = tmp_path_factory.mktemp("grpc-small")
+    export_small(path, version=1, seed=0)
+    return path
+
+
+def test_full_queue_is_unavailable_and_slow_requests_deadline_exceeded(small_repo):
+    env = {
+        "BNSERVE_MAX_QUEUE_SIZE": "2",
+        "BNSERVE_MAX_BATCH_SIZE": "0",
+        "BNSERVE_REQUEST_TIMEOUT": "0.01",
+    }
+    x = np.random.default_rng(6).standard_normal((96, 3, 32, 32)).astype(np.float32)
+    with ServiceProcess(small_repo, env=env) as server:
+
+        def one(_):
+            with tg.InferenceServerClient(server.grpc_address) as c:
+                try:
+                    grpc_infer(c, x, "small", tensor="x")
+                    return "StatusCode.OK", ""
+                except InferenceServerException as exc:
+                    return exc.status(), exc.message()
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(24)))
+        codes = {status for status, _ in results}
+        assert codes <= {"StatusCode.OK", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
+        assert "StatusCode.UNAVAILABLE" in codes, results
+        refused = next(m for s, m in results if s == "StatusCode.UNAVAILABLE")
+        assert "queued" in refused
+        big = np.random.default_rng(7).standard_normal((512, 3, 32, 32)).astype(np.float32)
+        with tg.InferenceServerClient(server.grpc_address) as c:
+            status, message = grpc_error(grpc_infer, c, big, "small", tensor="x")
+        assert status == "StatusCode.DEADLINE_EXCEEDED"
+        assert message == (
+            "inference on model 'small' took longer than 0.01 s (BNSERVE_REQUEST_TIMEOUT); "
+            "abandoned"
+        )
+
+
+def test_sigterm_drains_rest_and_grpc_then_exits(demo_repository):
+    server = ServiceProcess(demo_repository, env={"BNSERVE_DRAIN_DELAY": "1.5"}).wait_ready()
+    try:
+        c = tg.InferenceServerClient(server.grpc_address)
+        assert c.is_server_ready()
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while c.is_server_ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not c.is_server_ready()  # both report not ready while draining
+        assert server.status("/v2/health/ready") == 503
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        assert grpc_infer(c, x).as_numpy("logits").shape == (1, 10)  # and still serve
+        c.close()
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
+    with socket.socket() as probe:  # the gRPC port is closed too
+        assert probe.connect_ex(("127.0.0.1", server.grpc_port)) != 0
+
+
+def test_a_grpc_port_in_use_stops_start_up_with_the_reason(demo_repository):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServiceProcess(demo_repository, "--grpc-port", str(port))
+        with pytest.raises(RuntimeError, match="gRPC cannot listen"):
+            server.wait_ready(timeout=60)
+        server.stop()
+
+
+def test_grpc_off_with_port_zero(demo_repository):
+    with ServiceProcess(demo_repository, env={"BNSERVE_GRPC_PORT": "0"}) as server:
+        assert server.status("/v2/health/ready") == 200
+        assert "gRPC listening" not in server.output()
+
+
+def test_tritonclient_and_bnserve_protos_live_in_one_process():
+    """bnserve's messages use their own protobuf package, so importing them next to
+    tritonclient's `inference` package registers no name twice."""
+    from service.protocol.grpc import bnserve_inference_pb2 as ours
+
+    theirs = service_pb2.ModelInferRequest(model_name="m", raw_input_contents=[b"\1\2"])
+    mine = ours.ModelInferRequest.FromString(theirs.SerializeToString())
+    assert mine.model_name == "m"
+    assert list(mine.raw_input_contents) == [b"\1\2"]
+
+
+def test_generated_module_matches_the_proto():
+    pytest.importorskip("grpc_tools")
+    result = subprocess.run(
+        [sys.executable, "-m", "service.protocol.grpc.generate", "--check"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
