@@ -177,7 +177,8 @@ def test_service_image_contract():
         "BNSERVE_PORT",
     }
     assert env["BNSERVE_REPOSITORY"] == "/models"
-    assert str(env["BNSERVE_PORT"]) in service.all("EXPOSE")
+    exposed = {port for args in service.all("EXPOSE") for port in args.split()}
+    assert {str(env["BNSERVE_PORT"]), str(env["BNSERVE_GRPC_PORT"])} <= exposed
     # the health check is the repository's script, probing the readiness endpoint
     check = healthcheck_command(service)
     assert service.copies()[check[1]] == DOCKER / "healthcheck.py"
@@ -262,6 +263,7 @@ def test_compose_contract():
     assert service["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
     assert "models:/models:ro" in service["volumes"]
     assert any(str(p).endswith(":8000") for p in service["ports"])
+    assert any(str(p).endswith(":8001") for p in service["ports"])  # gRPC
     assert service["restart"] in ("always", "unless-stopped", "on-failure")
     assert service["mem_limit"]
     env = service["environment"]

@@ -138,6 +138,7 @@ def test_deployment_contract():
     assert env["BNSERVE_HOST"] == "0.0.0.0"
     port = int(env["BNSERVE_PORT"])
     assert container["ports"][0]["containerPort"] == port
+    assert container["ports"][1]["containerPort"] == int(env["BNSERVE_GRPC_PORT"])
     assert not container.get("command"), "config is env only"
     assert not container.get("args"), "config is env only"
     # non-root, the image's uid; repository read-only
@@ -157,6 +158,8 @@ def test_deployment_contract():
     labels = pod["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] in ("http", port)
+    grpc_port = service["spec"]["ports"][1]
+    assert grpc_port["targetPort"] == container["ports"][1]["name"] == "grpc"
 
     hpa = kinds["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -198,6 +201,9 @@ def test_kserve_custom_v2_predictor():
     # KServe mounts the storage at /mnt/models
     assert env["BNSERVE_REPOSITORY"] == "/mnt/models"
     assert container["ports"][0]["containerPort"] == int(env["BNSERVE_PORT"])
+    assert container["ports"][1] == {
+        "name": "h2c", "containerPort": int(env["BNSERVE_GRPC_PORT"]), "protocol": "TCP"
+    }  # fmt: skip
     assert _probe_paths(container)["readinessProbe"] == "/v2/health/ready"
     assert _probe_paths(container)["livenessProbe"] == "/v2/health/live"
     _grace(predictor, container)
