@@ -26,13 +26,17 @@ run: $(STAMP)
 	$(BIN)/python -m service --repository models --host $(HOST) --port $(PORT) --log-format text
 
 # Real tools the tests drive: Debian's chromium (browser test), docker-compose (`config` of every
-# profile), nginx (`nginx -t`), promtool, and docker.io + debootstrap (the engine test builds the
-# images and runs compose, ~4 min). Without root or apt their tests skip, with a reason.
+# profile), nginx (`nginx -t`), promtool, docker.io + debootstrap (the engine test builds the
+# images and runs compose, ~4 min), and libb64 for Triton's perf_analyzer (fetched from PyPI by
+# benchmarks/perf_analyzer.py). Without root or apt their tests skip, with a reason.
 SYSTEM_TOOLS := chromium chromedriver docker-compose nginx promtool dockerd debootstrap
-SYSTEM_PACKAGES := chromium chromium-driver docker-compose nginx-light prometheus docker.io debootstrap
+SYSTEM_LIBRARIES := libb64.so.0d
+SYSTEM_PACKAGES := chromium chromium-driver docker-compose nginx-light prometheus docker.io debootstrap libb64-0d
 system-deps:
 	@missing=; for tool in $(SYSTEM_TOOLS); do \
 	  command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || missing=1; done; \
+	for library in $(SYSTEM_LIBRARIES); do \
+	  /sbin/ldconfig -p 2>/dev/null | grep -q $$library || missing=1; done; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \

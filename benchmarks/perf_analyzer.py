@@ -53,7 +53,7 @@ def tool(cache: Path = CACHE) -> Tool:
     """perf_analyzer, downloaded and unpacked on first use."""
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         raise ToolUnavailable("perf_analyzer's wheel is for linux x86_64 only")
-    if ctypes.util.find_library("b64") is None and not Path("/usr/lib/libb64.so.0d").exists():
+    if ctypes.util.find_library("b64") is None:
         raise ToolUnavailable("libb64 is missing: apt-get install libb64-0d (make system-deps)")
     binary, cudart = cache / BINARY, cache / CUDART
     if not (binary.exists() and cudart.exists()):
@@ -113,8 +113,9 @@ def measure(
         result = tool_.run(
             "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
             "--concurrency-range", concurrency, "--measurement-interval", str(window_ms),
-            "--max-trials", "4", "--stability-percentage", "50", "-f", report.name,
-            "--percentile", "50",
+            # A shared, noisy machine never looks stable to perf_analyzer's default 10 %: take
+            # the third window whatever it shows (the figures are indicative there).
+            "--max-trials", "3", "--stability-percentage", "1000", "-f", report.name,
         )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(

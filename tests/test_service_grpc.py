@@ -38,7 +38,8 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 @pytest.fixture(scope="module")
 def zoo(demo_repository, tmp_path_factory):
     """digits; a two-input model with dynamic batching set in its model.json; the same graph
-    with a fixed batch of 2; a version whose model.onnx is corrupt."""
+    declared with a fixed batch of 2 (the exporter always writes a dynamic batch axis, so its
+    model.json is edited); a version whose model.onnx is corrupt."""
     repo = tmp_path_factory.mktemp("grpc-zoo")
     shutil.copytree(demo_repository / "digits", repo / "digits")
     nodes = [
@@ -47,12 +48,17 @@ def zoo(demo_repository, tmp_path_factory):
     ]
     weights = [const("w", rand(4, 3))]
     fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="pair")  # fmt: skip
-    fold_onnx(model(nodes, weights, {"a": [2, 4], "b": [2, 3]}, {"sum": None}), repository=repo, name="fixed")  # fmt: skip
+    fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="fixed")  # fmt: skip
     fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="broken")  # fmt: skip
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     card = repo / "pair" / "1" / "model.json"
     document = json.loads(card.read_text())
     document["serving"] = {"max_batch_size": 4, "max_queue_delay_us": 700}
+    card.write_text(json.dumps(document))
+    card = repo / "fixed" / "1" / "model.json"
+    document = json.loads(card.read_text())
+    for tensor in (*document["inputs"], *document["outputs"]):
+        tensor["shape"][0] = 2
     card.write_text(json.dumps(document))
     return repo
 
