@@ -1,7 +1,8 @@
 """Throughput with 16 concurrent clients on 127.0.0.1, side by side in one run:
 
   raw     in-process ONNX Runtime session.run at each batch size (no HTTP, no client)
-  bnserve the service with dynamic batching, single-sample binary requests
+  bnserve the service with dynamic batching, single-sample binary requests over REST, and
+          the same server over gRPC (raw_input_contents)
   KServe  the same ORT session in KServe's Python model server (kserve package, own venv)
 
 on the ResNet-18-sized CNN at 224x224. Prints a table.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.loadgen import LoadResult, run_load
+from benchmarks.loadgen import LoadResult, grpc_request, run_grpc_load, run_load
 from benchmarks.resnet import export_benchmark_model
 from benchmarks.serving import binary_body, json_body
 from service.launcher import ROOT, ServiceProcess, free_port
@@ -127,24 +128,35 @@ def main(argv: list[str] | None = None) -> None:
         # Every server is up for the whole run (idle ones cost no CPU) and the ways take
         # turns round by round, so drift on a noisy machine hits them all alike.
         targets = {}
+
+        def rest(url, content, request_headers):
+            return lambda: run_load(url, infer, content, request_headers, clients=args.clients,
+                                    seconds=args.seconds, warmup=1.0)  # fmt: skip
+
         for name, env in configs.items():
             server = stack.enter_context(
                 ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning", **env})
             )
-            targets[name] = (server.url, body, headers)
+            targets[name] = rest(server.url, body, headers)
+            if env is batching:  # the same server, over gRPC
+                targets[f"bnserve gRPC, dynamic batching <= {args.max_batch_size}"] = (
+                    lambda address=server.grpc_address: run_grpc_load(
+                        address, grpc_request(x, "images", "resnet18"),
+                        clients=args.clients, seconds=args.seconds, warmup=1.0,
+                    )
+                )  # fmt: skip
         if not args.no_kserve:
             peer = stack.enter_context(KServeProcess(path / "model.onnx"))
             version = KSERVE_PIN.split("==")[1]
-            targets[f"KServe {version}, JSON requests"] = (peer.url, *json_request)
-            targets[f"KServe {version}, binary requests"] = (peer.url, body, headers)
+            targets[f"KServe {version}, JSON requests"] = rest(peer.url, *json_request)
+            targets[f"KServe {version}, binary requests"] = rest(peer.url, body, headers)
         for _ in range(args.rounds):
             for batch, rate in raw_throughput(
                 path / "model.onnx", args.size, batches, args.seconds / 5
             ).items():
                 raw_rates[batch].append(rate)
-            for name, (url, content, request_headers) in targets.items():
-                result = run_load(url, infer, content, request_headers, clients=args.clients,
-                                  seconds=args.seconds, warmup=1.0)  # fmt: skip
+            for name, measure in targets.items():
+                result = measure()
                 results[name] = results[name].merge(result) if name in results else result
     raw = {b: sum(r) / len(r) for b, r in raw_rates.items()}
     best_batch = max(raw, key=raw.get)
@@ -158,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.clients} clients, single-sample requests, ResNet-18-sized CNN {args.size}x{args.size}, "
           f"{os.cpu_count()} cores, {args.rounds} rounds of {args.seconds:g} s per way")  # fmt: skip
     print(
-        f"{'':<34} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
+        f"{'':<38} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
     )
-    print("-" * 92)
+    print("-" * 96)
     for name, rate, result in rows:
         latency = (
             f"{result.percentile(50):7.1f} | {result.percentile(99):7.1f}"
@@ -168,9 +180,13 @@ def main(argv: list[str] | None = None) -> None:
             else f"{'':7} | {'':7}"
         )
         codes = dict(result.codes) | dict(result.errors) if result else ""
-        print(f"{name:<34} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
+        print(f"{name:<38} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
     print(
         f"\nbnserve (best row) / raw session.run at its best batch size ({best_batch}): {bnserve / raw[best_batch]:.3f}"
+    )
+    grpc_rate = next(r.throughput() for n, r in results.items() if n.startswith("bnserve gRPC"))
+    print(
+        f"bnserve gRPC, dynamic batching / raw session.run at batch {best_batch}: {grpc_rate / raw[best_batch]:.3f}"
     )
     if kserve:
         print(f"bnserve (best row) / KServe (best row): {bnserve / kserve:.3f}")

@@ -98,3 +98,62 @@ def run_load(
     for t in threads:
         t.join()
     return result
+
+
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_request(x: np.ndarray, input_name: str, model: str) -> bytes:
+    """A ModelInferRequest with raw tensor bytes, serialized once (Triton's own messages)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+def grpc_caller(address: str):
+    """ModelInfer taking and returning serialized bytes on one channel (one HTTP/2 connection)."""
+    import grpc
+
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
+    return channel, channel.unary_unary(GRPC_INFER)
+
+
+def run_grpc_load(
+    address: str, request: bytes, *, clients: int, seconds: float, warmup: float = 2.0
+) -> LoadResult:
+    """run_load's closed loop over gRPC: each client has its own channel; OK counts as 200."""
+    import grpc
+
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    result = LoadResult(seconds=seconds)
+    lock = threading.Lock()
+
+    def client() -> None:
+        channel, call = grpc_caller(address)
+        while True:
+            began = time.perf_counter()
+            if began >= stop_at:
+                break
+            try:
+                call(request, timeout=60)
+                code = 200
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            ended = time.perf_counter()
+            if measure_from <= ended <= stop_at:
+                with lock:
+                    result.codes[code] += 1
+                    if code == 200:
+                        result.latencies.append(ended - began)
+        channel.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result

@@ -1,13 +1,14 @@
 """Latency of one request, side by side in one run: in-process ONNX Runtime session.run vs the
-service over HTTP with binary tensors vs the service with JSON tensors (and the stat-drift
-endpoint), on a ResNet-18-sized CNN at 224x224, batch 1 and 8. Prints a table.
+service over HTTP with binary tensors vs gRPC (raw_input_contents) vs HTTP with JSON tensors (and
+the stat-drift endpoint), on a ResNet-18-sized CNN at 224x224, batch 1 and 8. Prints a table.
 
     python -m benchmarks.serving [--repository artifacts/bench] [--rounds 3]
 
 The service runs as a real `python -m service` process on 127.0.0.1. The client keeps one
 connection open and sends bodies encoded in advance, so the figures are the service's cost
 (transport, parsing, validation, run, encoding), not the client library's: it is the standard
-library's http.client (httpx alone adds 0.5-3 ms to a 600 kB request here). Blocks of the three
+library's http.client (httpx alone adds 0.5-3 ms to a 600 kB request here); over gRPC a
+grpcio channel sends the serialized ModelInferRequest bytes. Blocks of the three
 ways alternate round by round, so drift on a noisy machine hits them alike.
 """
 
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
+from benchmarks.loadgen import grpc_caller, grpc_request
 from benchmarks.resnet import export_benchmark_model
 from service.launcher import ServiceProcess
 from service.runtime import SessionFactory
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     input_name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     batches = [int(b) for b in args.batches.split(",")]
-    ways = ["raw session.run", "HTTP binary", "HTTP JSON"] + (
+    ways = ["raw session.run", "HTTP binary", "gRPC", "HTTP JSON"] + (
         [] if args.no_drift else ["stat-drift"]
     )
     results = {(b, w): [] for b in batches for w in ways}
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
         parts = urlsplit(server.url)
         client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        channel, grpc_call = grpc_caller(server.grpc_address)
         infer_url = "/v2/models/resnet18/infer"
         for batch in batches:
             x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
             calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
             calls.update({way: (lambda way=way: post(way)) for way in ways[1:]})
+            message = grpc_request(x, input_name, "resnet18")
+            calls["gRPC"] = lambda message=message: grpc_call(message, timeout=120)
             for call in calls.values():  # warm-up: first runs allocate and tune
                 call()
                 call()
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                 for way in ways:
                     results[(batch, way)].extend(time_calls(calls[way], count))
         client.close()
+        channel.close()
 
     print(
         f"\nResNet-18-sized CNN, {args.size}x{args.size}, ONNX Runtime CPU, {os.cpu_count()} cores"

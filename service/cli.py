@@ -7,6 +7,7 @@ Flags override BNSERVE_ environment variables, which override defaults.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -42,9 +43,9 @@ def parse(argv: list[str] | None = None) -> Settings:
 
 
 class DrainingServer(uvicorn.Server):
-    """SIGTERM first turns readiness false and keeps serving for drain_delay seconds (so load
-    balancers stop sending), then closes the listener and lets accepted requests finish
-    within graceful_timeout. A second signal exits at once."""
+    """SIGTERM first turns readiness false (REST and gRPC) and keeps serving for drain_delay
+    seconds (so load balancers stop sending), then closes both listeners and lets accepted
+    requests and calls finish within graceful_timeout. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, services: Services, drain_delay: float) -> None:
         super().__init__(config)
@@ -60,6 +61,17 @@ class DrainingServer(uvicorn.Server):
             return
         self.services.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        """Stop gRPC from taking new calls when HTTP stops, and drain both at once."""
+        grpc_server = getattr(self.config.app.state, "grpc", None)
+        if grpc_server is not None:
+            stopping = asyncio.ensure_future(
+                grpc_server.stop(self.config.timeout_graceful_shutdown)
+            )
+        await super().shutdown(sockets)
+        if grpc_server is not None:
+            await stopping
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_started is not None and not self.should_exit:

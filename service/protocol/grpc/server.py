@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -29,6 +30,7 @@ class GrpcServer:
             ],
         )
         self.server.add_generic_rpc_handlers((Servicer(plane).handlers(),))
+        self._stopping: asyncio.Task | None = None
 
     async def start(self) -> None:
         try:
@@ -39,5 +41,8 @@ class GrpcServer:
         log.info("gRPC listening on %s", self.address)
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls; let those in flight finish within `grace` seconds."""
-        await self.server.stop(grace)
+        """Refuse new calls; let those in flight finish within `grace` seconds. Idempotent: the
+        shutdown starts it beside uvicorn's drain, the app's lifespan waits for it."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.shield(self._stopping)
