@@ -100,9 +100,8 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
     app.add_middleware(
         RequestContextMiddleware,
         max_body=settings.max_request_bytes,
-        metrics=s.metrics,
-        known_model=s.registry.knows,
-        shed=s.inference.shed,
+        observer=s.observer,
+        refusal=s.refusal,
     )
     return app
 

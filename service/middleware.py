@@ -1,25 +1,26 @@
-"""One pure-ASGI middleware for what every request needs: a request id, the body size limit
-(413, checked before and while reading, decompressed size included), an access log line and
-the request metrics. Pure ASGI keeps the per-request cost to a few microseconds."""
+"""One pure-ASGI middleware for what HTTP needs around every request: a request id, reading the
+body within the data plane's size limit (413, checked before and while reading, decompressed
+size included), refusing an inference request the data plane would refuse anyway before its
+body is read, and reporting the call to the data plane's observer (metrics, access log). Pure
+ASGI keeps the per-request cost to a few microseconds."""
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 import uuid
 import zlib
 from collections.abc import Callable
 
 import orjson
 
+from .dataplane.observe import CallObserver, too_large
 from .errors import ServiceError
 from .logs import request_id
-from .metrics import Metrics
-
-log = logging.getLogger("bnserve.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+INFERENCE_PATH = re.compile(
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?:infer|stat-drift)$"
+)
 
 
 class TooLarge(Exception):
@@ -36,15 +37,13 @@ class RequestContextMiddleware:
         app,
         *,
         max_body: int,
-        metrics: Metrics,
-        known_model: Callable[[str], bool],
-        shed: Callable[[str], ServiceError | None] = lambda path: None,
+        observer: CallObserver,
+        refusal: Callable[[str, str | None], ServiceError | None] = lambda name, version: None,
     ) -> None:
         self.app = app
-        self.shed = shed
+        self.refusal = refusal
         self.max_body = max_body
-        self.metrics = metrics
-        self.known_model = known_model
+        self.observer = observer
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -54,7 +53,7 @@ class RequestContextMiddleware:
         supplied = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
         token = request_id.set(rid)
-        started = time.perf_counter()
+        started = self.observer.started()
         status = [500]
 
         async def send_with_id(message) -> None:
@@ -63,10 +62,10 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        self.metrics.in_flight.inc()
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                refusal = self.shed(scope["path"])
+                match = INFERENCE_PATH.match(scope["path"])
+                refusal = self.refusal(match["model"], match["version"]) if match else None
                 if refusal is not None:  # refused before reading the body
                     await _error(
                         send_with_id, refusal.status_code, refusal.message, refusal.headers
@@ -83,9 +82,15 @@ class RequestContextMiddleware:
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.in_flight.dec()
-            elapsed = time.perf_counter() - started
-            self._record(scope, status[0], elapsed)
+            route = scope.get("route")
+            self.observer.finished(
+                started,
+                endpoint=getattr(route, "path", "unmatched"),
+                model=scope.get("path_params", {}).get("model_name", ""),
+                code=status[0],
+                method=scope["method"],
+                path=scope["path"],
+            )
             request_id.reset(token)
 
     async def _read_body(self, headers: dict, receive) -> bytes:
@@ -127,24 +132,7 @@ class RequestContextMiddleware:
 
     def _too_large(self, size: int, decompressed: bool = False) -> str:
         what = "decompressed body" if decompressed else "request body"
-        return (
-            f"{what} of {size} bytes or more exceeds the limit of {self.max_body} bytes "
-            "(BNSERVE_MAX_REQUEST_BYTES); expected a smaller request"
-        )
-
-    def _record(self, scope, status: int, elapsed: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        name = scope.get("path_params", {}).get("model_name", "")
-        model = name if name and self.known_model(name) else ("" if not name else "unknown")
-        self.metrics.requests.labels(endpoint, model, str(status)).inc()
-        self.metrics.latency.labels(endpoint, model).observe(elapsed)
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "%s %s %d", scope["method"], scope["path"], status,
-                extra={"status": status, "duration_ms": round(elapsed * 1000, 3),
-                       "path": scope["path"], "method": scope["method"]},
-            )  # fmt: skip
+        return too_large(size, self.max_body, what).message
 
 
 def _replay(body: bytes, receive):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 
 import numpy as np
@@ -22,10 +21,6 @@ from ..registry import ModelRegistry
 from .statistics import RunTiming
 from .types import InferRequest, InferResponse, OutputTensor, ValidatedRequest
 from .validation import validate
-
-INFERENCE_PATH = re.compile(
-    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?:infer|stat-drift)$"
-)
 
 
 class InferenceService:
@@ -79,18 +74,11 @@ class InferenceService:
             )
         return InferResponse(model.name, str(model.version), request.id, outputs)
 
-    def shed(self, path: str) -> ServiceError | None:
-        """For REST, before a body is read: the 503 an inference request to `path` would get
-        anyway (queue full, too many in flight). Reading and decoding megabytes only to refuse
-        them would spend the CPU an overload leaves for the accepted requests."""
-        match = INFERENCE_PATH.match(path)
-        if match is None:
-            return None
-        return self.refusal(match["model"], match["version"])
-
     def refusal(self, name: str, version: str | None) -> ServiceError | None:
         """The 503 a request for this model would get now, or None (also None for unknown
-        models: the request itself answers 404/503 with the reason)."""
+        models: the request itself answers 404/503 with the reason). Protocols ask before
+        reading a large body: reading and decoding megabytes only to refuse them would spend
+        the CPU an overload leaves for the accepted requests."""
         try:
             model = self.registry.get(name, version)
         except ServiceError:

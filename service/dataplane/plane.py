@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import Settings
 from ..drift.schemas import StatDriftResponse
 from ..drift.service import DriftService
-from ..errors import NotFound, Unavailable
+from ..errors import NotFound, ServiceError, Unavailable
 from ..metrics import Metrics
 from ..model import LoadedModel
 from ..protocol.datatypes import TRITON_TYPES, element_size
@@ -31,6 +31,7 @@ from ..protocol.schemas import (
 from ..registry import ModelRegistry
 from ..security import check_bearer
 from .inference import InferenceService
+from .observe import CallObserver, too_large
 from .types import InferRequest, InferResponse
 
 EXTENSIONS = [
@@ -67,6 +68,7 @@ class DataPlane:
         self.registry = registry
         self.inference = inference
         self.drift = drift  # when debug endpoints are on
+        self.observer = CallObserver(metrics, registry.knows)
         self.started = False  # first repository load finished
         self.draining = False  # shutting down: not ready, finishing what is in flight
 
@@ -166,6 +168,18 @@ class DataPlane:
             if batching.enabled
             else None,
         )
+
+    # -- admission --------------------------------------------------------------------------
+    def check_size(self, size: int, what: str = "request body") -> None:
+        """413 / RESOURCE_EXHAUSTED past BNSERVE_MAX_REQUEST_BYTES."""
+        if size > self.settings.max_request_bytes:
+            self.metrics.rejected.labels("", "too_large").inc()
+            raise too_large(size, self.settings.max_request_bytes, what)
+
+    def refusal(self, name: str, version: str | None) -> ServiceError | None:
+        """The 503 an inference request for this model would get now (too many in flight, queue
+        full), for a protocol to answer before it reads or decodes the tensors; else None."""
+        return self.inference.refusal(name, version)
 
     # -- inference --------------------------------------------------------------------------
     def check_model(self, name: str, version: str | None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -46,12 +45,7 @@ def status_of(error: errors.ServiceError) -> grpc.StatusCode:
 class Servicer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self.max_bytes = plane.settings.max_request_bytes
-        metrics = plane.metrics
-        self.in_flight = metrics.in_flight
-        self.requests = metrics.requests
-        self.latency = metrics.latency
-        self.rejected = metrics.rejected
+        self.observer = plane.observer
 
     def handlers(self) -> grpc.GenericRpcHandler:
         methods = {
@@ -81,7 +75,7 @@ class Servicer:
         parse = kind.FromString
 
         async def call(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            started = time.perf_counter()
+            started = self.observer.started()
             supplied = ""
             for key, value in context.invocation_metadata() or ():
                 if key == "x-request-id":
@@ -89,15 +83,8 @@ class Servicer:
             rid = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
             token = request_id.set(rid)
             code, message, model = grpc.StatusCode.OK, "", ""
-            self.in_flight.inc()
             try:
-                if len(data) > self.max_bytes:
-                    self.rejected.labels("", "too_large").inc()
-                    raise errors.PayloadTooLarge(
-                        f"request message of {len(data)} bytes exceeds the limit of "
-                        f"{self.max_bytes} bytes (BNSERVE_MAX_REQUEST_BYTES); expected a "
-                        "smaller request"
-                    )
+                self.plane.check_size(len(data), "request message")
                 try:
                     request = parse(data)
                 except DecodeError:
@@ -114,21 +101,10 @@ class Servicer:
                 log.exception("unhandled error in %s", endpoint)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
             finally:
-                elapsed = time.perf_counter() - started
-                self.in_flight.dec()
-                label = (
-                    model
-                    if model and self.plane.registry.knows(model)
-                    else ("unknown" if model else "")
-                )
-                self.requests.labels(endpoint, label, code.name).inc()
-                self.latency.labels(endpoint, label).observe(elapsed)
-                if log.isEnabledFor(logging.INFO):
-                    log.info(
-                        "gRPC %s %s", name, code.name,
-                        extra={"grpc_code": code.name, "duration_ms": round(elapsed * 1000, 3),
-                               "path": endpoint, "method": "gRPC"},
-                    )  # fmt: skip
+                self.observer.finished(
+                    started, endpoint=endpoint, model=model, code=code.name, method="gRPC",
+                    path=endpoint,
+                )  # fmt: skip
                 request_id.reset(token)
             await context.abort(code, message)
 
@@ -171,7 +147,11 @@ class Servicer:
 
     # -- inference --------------------------------------------------------------------------
     async def model_infer(self, request, context):
-        self.plane.check_model(request.model_name, request.model_version or None)
+        version = request.model_version or None
+        self.plane.check_model(request.model_name, version)
+        refusal = self.plane.refusal(request.model_name, version)
+        if refusal is not None:  # before decoding the tensors
+            raise refusal
         return encode_infer(await self.plane.infer(decode_infer(request)))
 
     # -- repository (admin token in the `authorization` metadata) ---------------------------
