@@ -28,6 +28,7 @@ from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
 from .routers import drift, health, infer, metrics, models, repository, statistics
+from .routers.responses import DESCRIPTIONS
 from .runtime import SessionFactory
 
 log = logging.getLogger("bnserve.app")
@@ -166,34 +167,18 @@ def _openapi(app: FastAPI) -> dict:
         components["ErrorResponse"] = ErrorResponse.model_json_schema()
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
-        for path, operations in schema["paths"].items():
-            for method, operation in operations.items():
-                _document_errors(path, method, operation["responses"])
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                # FastAPI documents 422 for parameter validation; this service answers 400.
+                validation = operation["responses"].pop("422", None)
+                if validation is not None and "400" not in operation["responses"]:
+                    operation["responses"]["400"] = {
+                        "description": DESCRIPTIONS[400],
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                            }
+                        },
+                    }
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-ERROR_DESCRIPTIONS = {
-    "400": "the request does not fit the API or the model",
-    "401": "missing or wrong bearer token (when a token is configured)",
-    "404": "unknown model, version or endpoint",
-    "413": "body over BNSERVE_MAX_REQUEST_BYTES",
-    "503": "not ready or overloaded (Retry-After)",
-}
-
-
-def _document_errors(path: str, method: str, responses: dict) -> None:
-    """Every error an operation can answer, all with the v2 error body. FastAPI would list
-    422 for validation errors; this service answers those with 400."""
-    codes = set()
-    if responses.pop("422", None) is not None or method == "post":
-        codes.add("400")
-    if method == "post":
-        codes.add("413")
-    if "{model_name}" in path:
-        codes |= {"404", "503"}
-    if path.startswith("/v2/repository") or "stat-drift" in path:
-        codes |= {"401", "404"}
-    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-    for code in sorted(codes):
-        responses.setdefault(code, {"description": ERROR_DESCRIPTIONS[code], "content": body})

@@ -17,30 +17,25 @@ from fastapi.responses import HTMLResponse
 from ..drift.schemas import StatDriftResponse
 from ..errors import NotFound
 from ..protocol.codec import HEADER_LENGTH, decode_request
-from ..protocol.schemas import ErrorResponse
 from ..state import Services, ServicesDep
 from .infer import REQUEST_BODY
-
-router = APIRouter(tags=["stat-drift (debug)"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503, 504)}
+from .responses import errors
 
 
-async def enabled(s: ServicesDep) -> Services:
+async def enabled(s: ServicesDep) -> None:
     if not s.settings.debug_endpoints or s.drift is None:
         raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
-    return s
 
 
-async def debug(
-    s: Annotated[Services, Depends(enabled)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> Services:
+async def debug_token(s: ServicesDep, authorization: Annotated[str | None, Header()] = None):
     s.authorize_debug(authorization)
-    return s
 
 
-DebugDep = Annotated[Services, Depends(debug)]
-EnabledDep = Annotated[Services, Depends(enabled)]
+# The page is static (no model data) and asks for the token itself; the API needs the token.
+router = APIRouter(
+    tags=["stat-drift (debug)"], dependencies=[Depends(enabled)], responses=errors(404, 503)
+)
+api = APIRouter(dependencies=[Depends(debug_token)], responses=errors(400, 401, 404, 413, 503, 504))
 
 
 async def _analyze(s: Services, request: Request, name: str, version: str | None):
@@ -59,39 +54,37 @@ DOC = (
 )
 
 
-@router.post(
+@api.post(
     "/v2/models/{model_name}/stat-drift",
     response_model=StatDriftResponse,
     response_model_exclude_none=True,
     openapi_extra=REQUEST_BODY,
-    responses=ERRORS,
     description=DOC,
 )
-async def stat_drift(model_name: str, request: Request, s: DebugDep):
+async def stat_drift(model_name: str, request: Request, s: ServicesDep):
     return await _analyze(s, request, model_name, None)
 
 
-@router.post(
+@api.post(
     "/v2/models/{model_name}/versions/{model_version}/stat-drift",
     response_model=StatDriftResponse,
     response_model_exclude_none=True,
     openapi_extra=REQUEST_BODY,
-    responses=ERRORS,
     description=DOC,
 )
-async def stat_drift_version(model_name: str, model_version: str, request: Request, s: DebugDep):
+async def stat_drift_version(model_name: str, model_version: str, request: Request, s: ServicesDep):
     return await _analyze(s, request, model_name, model_version)
 
 
-@router.get("/v2/models/{model_name}/stat-drift/samples", responses=ERRORS)
-async def samples(model_name: str, s: DebugDep) -> list[str]:
+@api.get("/v2/models/{model_name}/stat-drift/samples")
+async def samples(model_name: str, s: ServicesDep) -> list[str]:
     """Names of the sample batches the model was exported with (e.g. the digits demo's)."""
     model = s.registry.get(model_name)
     return [p.removeprefix("samples/").removesuffix(".json") for p in model.card.samples]
 
 
-@router.get("/v2/models/{model_name}/stat-drift/samples/{sample}", responses=ERRORS)
-async def sample(model_name: str, sample: str, s: DebugDep) -> Response:
+@api.get("/v2/models/{model_name}/stat-drift/samples/{sample}")
+async def sample(model_name: str, sample: str, s: ServicesDep) -> Response:
     """One sample batch as a v2 inference request body."""
     model = s.registry.get(model_name)
     relative = f"samples/{sample}.json"
@@ -101,7 +94,10 @@ async def sample(model_name: str, sample: str, s: DebugDep) -> Response:
 
 
 @router.get("/v2/models/{model_name}/stat-drift/view", response_class=HTMLResponse)
-async def view(model_name: str, s: EnabledDep) -> HTMLResponse:
+async def view(model_name: str, s: ServicesDep) -> HTMLResponse:
     s.registry.get(model_name)  # 404 for unknown models
     page = resources.files("service").joinpath("static/drift.html").read_text()
     return HTMLResponse(page.replace("{{MODEL}}", html.escape(model_name)))
+
+
+router.include_router(api)

@@ -8,10 +8,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from ..protocol.codec import HEADER_LENGTH, decode_request, encode_response
-from ..protocol.schemas import ErrorResponse, InferenceResponse
+from ..protocol.schemas import InferenceResponse
 from ..state import Services, ServicesDep
+from .responses import errors
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(
+    tags=["inference"],
+    responses={
+        200: {"model": InferenceResponse, "description": "outputs (JSON, or JSON + binary)"},
+        **errors(400, 404, 413, 503, 504),
+    },
+)
 
 REQUEST_BODY = {
     "requestBody": {
@@ -24,14 +31,6 @@ REQUEST_BODY = {
         },
     }
 }
-RESPONSES = {
-    200: {"model": InferenceResponse, "description": "outputs (JSON, or JSON + binary)"},
-    400: {"model": ErrorResponse, "description": "the request does not fit the model"},
-    404: {"model": ErrorResponse, "description": "unknown model or version"},
-    413: {"model": ErrorResponse, "description": "body over BNSERVE_MAX_REQUEST_BYTES"},
-    503: {"model": ErrorResponse, "description": "not ready, or overloaded (Retry-After)"},
-    504: {"model": ErrorResponse, "description": "past BNSERVE_REQUEST_TIMEOUT"},
-}
 
 
 async def _infer(s: Services, request: Request, name: str, version: str | None) -> Response:
@@ -42,7 +41,7 @@ async def _infer(s: Services, request: Request, name: str, version: str | None) 
     return Response(content, headers=headers)
 
 
-@router.post("/v2/models/{model_name}/infer", openapi_extra=REQUEST_BODY, responses=RESPONSES)
+@router.post("/v2/models/{model_name}/infer", openapi_extra=REQUEST_BODY)
 async def infer(model_name: str, request: Request, s: ServicesDep) -> Response:
     return await _infer(s, request, model_name, None)
 
@@ -50,7 +49,6 @@ async def infer(model_name: str, request: Request, s: ServicesDep) -> Response:
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer",
     openapi_extra=REQUEST_BODY,
-    responses=RESPONSES,
 )
 async def infer_version(
     model_name: str, model_version: str, request: Request, s: ServicesDep

@@ -5,16 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..protocol.schemas import ErrorResponse, ModelMetadata, ModelReadyResponse, TritonModelConfig
+from ..protocol.schemas import ModelMetadata, ModelReadyResponse, TritonModelConfig
 from ..state import Services, ServicesDep
+from .responses import errors
 
-router = APIRouter(
-    tags=["models"],
-    responses={
-        404: {"model": ErrorResponse, "description": "unknown model or version"},
-        503: {"model": ErrorResponse, "description": "no ready version"},
-    },
-)
+router = APIRouter(tags=["models"], responses=errors(404, 503))
 
 
 @router.get(

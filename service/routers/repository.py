@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from ..errors import BadRequest
 from ..protocol.codec import describe_validation_error
-from ..protocol.schemas import ErrorResponse, RepositoryIndexRequest, RepositoryModel
+from ..protocol.schemas import RepositoryIndexRequest, RepositoryModel
 from ..state import ServicesDep
+from .responses import errors
 
 
 async def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -22,11 +23,7 @@ async def admin(s: ServicesDep, authorization: Annotated[str | None, Header()] =
 router = APIRouter(
     tags=["repository"],
     dependencies=[Depends(admin)],
-    responses={
-        400: {"model": ErrorResponse, "description": "the request does not fit the API"},
-        401: {"model": ErrorResponse, "description": "missing or wrong admin bearer token"},
-        404: {"model": ErrorResponse, "description": "model not in the repository"},
-    },
+    responses=errors(400, 401, 404, 413),
 )
 
 

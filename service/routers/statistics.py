@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..protocol.schemas import ErrorResponse, ModelStatisticsResponse
+from ..protocol.schemas import ModelStatisticsResponse
 from ..state import ServicesDep
+from .responses import errors
 
-router = APIRouter(
-    tags=["statistics"],
-    responses={404: {"model": ErrorResponse, "description": "unknown model or version"}},
-)
+router = APIRouter(tags=["statistics"], responses=errors(404, 503))
 
 
 @router.get("/v2/models/stats", response_model=ModelStatisticsResponse)
