@@ -115,7 +115,7 @@ def measure(
             "--concurrency-range", concurrency, "--measurement-interval", str(window_ms),
             # A shared, noisy machine never looks stable to perf_analyzer's default 10 %: take
             # the third window whatever it shows (the figures are indicative there).
-            "--max-trials", "3", "--stability-percentage", "1000", "-f", report.name,
+            "--max-trials", "5", "--stability-percentage", "1000", "-f", report.name,
         )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(
@@ -123,7 +123,14 @@ def measure(
                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
         lines = Path(report.name).read_text().splitlines()
-    return [_row(protocol, batch, line) for line in lines[1:] if line.strip()] or _fail(result)
+    rows = [_row(protocol, batch, line) for line in lines[1:] if line.strip()]
+    low, high = (int(v) for v in concurrency.split(":")[:2])
+    if [r.concurrency for r in rows] != list(range(low, high + 1)):
+        raise RuntimeError(
+            f"perf_analyzer -i {protocol} -b {batch} measured concurrency "
+            f"{[r.concurrency for r in rows]} of {low}..{high}:\n{result.stdout[-3000:]}"
+        )
+    return rows
 
 
 def _row(protocol: str, batch: int, line: str) -> Measurement:
@@ -132,10 +139,6 @@ def _row(protocol: str, batch: int, line: str) -> Measurement:
     return Measurement(
         protocol, batch, int(cells[0]), float(cells[1]), float(cells[-4]), float(cells[-1])
     )
-
-
-def _fail(result):
-    raise RuntimeError(f"perf_analyzer wrote no measurements:\n{result.stdout[-2000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

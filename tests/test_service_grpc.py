@@ -430,6 +430,18 @@ def test_full_queue_is_unavailable_and_slow_requests_deadline_exceeded(small_rep
         assert "StatusCode.UNAVAILABLE" in codes, results
         refused = next(m for s, m in results if s == "StatusCode.UNAVAILABLE")
         assert "queued" in refused
+        with grpc.insecure_channel(server.grpc_address) as channel:  # Retry-After, as metadata
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = service_pb2.ModelInferRequest(model_name="small")
+            request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+            request.raw_input_contents.append(x.tobytes())
+            futures = [stub.ModelInfer.future(request) for _ in range(24)]
+            trailers = []
+            for future in futures:
+                if future.exception() is not None and future.code() == grpc.StatusCode.UNAVAILABLE:
+                    trailers.append(dict(future.trailing_metadata()))
+        assert trailers, "a full queue refuses some of 24 simultaneous calls"
+        assert all(int(t["retry-after"]) >= 1 for t in trailers)
         big = np.random.default_rng(7).standard_normal((512, 3, 32, 32)).astype(np.float32)
         with tg.InferenceServerClient(server.grpc_address) as c:
             status, message = grpc_error(grpc_infer, c, big, "small", tensor="x")

@@ -8,6 +8,7 @@ to the status code matching its HTTP status, with REST's message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -97,6 +98,11 @@ class Servicer:
                 return response.SerializeToString()
             except errors.ServiceError as exc:
                 code, message = status_of(exc), exc.message
+                if exc.headers:  # retry-after, www-authenticate: as trailing metadata
+                    context.set_trailing_metadata(tuple(exc.headers.items()))
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:  # a bug, not the client's fault: say so, keep serving
                 log.exception("unhandled error in %s", endpoint)
                 code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
