@@ -123,7 +123,11 @@ def measure(
                 f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
         lines = Path(report.name).read_text().splitlines()
-    rows = [_row(protocol, batch, line) for line in lines[1:] if line.strip()]
+    # perf_analyzer writes its rows by throughput, not by concurrency
+    rows = sorted(
+        (_row(protocol, batch, line) for line in lines[1:] if line.strip()),
+        key=lambda r: r.concurrency,
+    )
     low, high = (int(v) for v in concurrency.split(":")[:2])
     if [r.concurrency for r in rows] != list(range(low, high + 1)):
         raise RuntimeError(

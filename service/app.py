@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,7 @@ from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
 from .routers import drift, health, infer, metrics, models, repository, statistics
-from .routers.responses import DESCRIPTIONS
+from .routers.responses import DESCRIPTIONS, ERROR_BODY
 from .runtime import SessionFactory
 
 log = logging.getLogger("bnserve.app")
@@ -174,11 +175,7 @@ def _openapi(app: FastAPI) -> dict:
                 if validation is not None and "400" not in operation["responses"]:
                     operation["responses"]["400"] = {
                         "description": DESCRIPTIONS[400],
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
-                            }
-                        },
+                        "content": copy.deepcopy(ERROR_BODY),
                     }
         app.openapi_schema = schema
     return app.openapi_schema

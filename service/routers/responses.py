@@ -3,7 +3,7 @@ has the v2 body {"error": "..."}."""
 
 from __future__ import annotations
 
-from ..protocol.schemas import ErrorResponse
+import copy
 
 DESCRIPTIONS = {
     400: "the request does not fit the API or the model",
@@ -15,8 +15,16 @@ DESCRIPTIONS = {
 }
 
 
+# Spelled out rather than `"model": ErrorResponse`, which FastAPI would list under the route's
+# own media type (text/html for the stat-drift page); app.py adds the component.
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
 def errors(*codes: int) -> dict[int | str, dict]:
-    return {code: {"model": ErrorResponse, "description": DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"description": DESCRIPTIONS[code], "content": copy.deepcopy(ERROR_BODY)}
+        for code in codes
+    }
 
 
 # What the middleware can answer to any request with a body, before a route runs.
