@@ -195,7 +195,9 @@ class DataPlane:
             raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
         return await self.drift.analyze(request)
 
-    def statistics(self, name: str | None = None, version: str | None = None):
+    def statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> ModelStatisticsResponse:
         """Triton's statistics extension: every ready version, or one model's (one version's)."""
         if name:
             models = [self.registry.get(name, version)] if version else self._versions(name)
