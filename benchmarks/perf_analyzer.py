@@ -112,6 +112,8 @@ def measure(
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         result = tool_.run(
             "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
+            # Its default random bytes hold NaN/Inf as FP32, which the service refuses (400).
+            "--input-data", "zero",
             "--concurrency-range", concurrency, "--measurement-interval", str(window_ms),
             # A shared, noisy machine never looks stable to perf_analyzer's default 10 %: take
             # the third window whatever it shows (the figures are indicative there).
