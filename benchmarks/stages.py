@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from benchmarks.serving import json_body
 from service.app import create_app
 from service.config import Settings
 from service.inference import INFERENCE_PATH
+from service.logs import configure_logging, fd_sink, shutdown_logging
 from service.middleware import RequestContextMiddleware
 from service.protocol.codec import encode_response
 
@@ -83,6 +85,8 @@ async def measure(stages: dict[str, Callable[[], Awaitable]], count: int, rounds
 
 
 async def run(repository: Path, count: int, rounds: int) -> None:
+    # Access logs on, as in a served process, written to /dev/null by the background writer.
+    configure_logging("json", "info", sink=fd_sink(os.open(os.devnull, os.O_WRONLY)))
     app = create_app(Settings(repository=repository, poll_interval=0))
     async with app.router.lifespan_context(app):
         s = app.state.services
@@ -158,6 +162,7 @@ async def run(repository: Path, count: int, rounds: int) -> None:
             "  encode_response": encode,
         }
         medians = await measure(stages, count, rounds)
+    shutdown_logging()
     print(f"\ndigits, one sample, JSON, in process ({count} calls x {rounds} blocks; provisional)")
     print(f"{'stage':<44} | {'µs / request':>12}")
     print("-" * 60)

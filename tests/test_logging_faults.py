@@ -172,3 +172,20 @@ def test_writer_thread_is_a_daemon_and_named():
         assert thread.daemon
     finally:
         writer.close()
+
+
+def test_exceptions_are_formatted_on_the_writer_with_their_traceback():
+    written: list[bytes] = []
+    writer = logs.LogWriter(logs.JsonFormatter(), written.append)
+    try:
+        raise ValueError("bad tensor")
+    except ValueError:
+        record = logging.LogRecord(
+            "bnserve.app", logging.ERROR, __file__, 1, "unhandled error", (), sys.exc_info()
+        )
+    writer.handler.handle(record)
+    writer.start()
+    assert writer.close(timeout=5.0)
+    line = orjson.loads(b"".join(written))
+    assert line["message"] == "unhandled error"
+    assert "ValueError: bad tensor" in line["exception"]
