@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench venv clean system-deps
+.PHONY: run test lint bench gpu-check venv clean system-deps
 
 venv: $(STAMP)
 
@@ -53,10 +53,15 @@ test: $(STAMP) system-deps
 # Benchmarks print tables (about 10 minutes in all; the first run exports the ResNet-18-sized
 # model into artifacts/bench and builds a separate venv for the KServe peer).
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.load
 	$(BIN)/python -m benchmarks.faults
 	$(BIN)/python -m benchmarks.perf_analyzer
+
+# On a machine with an NVIDIA GPU, from a fresh checkout (< 8 min; see README "GPU check").
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

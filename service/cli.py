@@ -18,7 +18,7 @@ import uvicorn
 
 from .app import create_app
 from .config import Settings
-from .logs import configure_logging
+from .logs import configure_logging, shutdown_logging
 from .state import Services
 
 log = logging.getLogger("bnserve.server")
@@ -81,7 +81,7 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, settings.log_queue_size)
     app = create_app(settings, grpc=True)
     config = uvicorn.Config(
         app,
@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         limit_concurrency=settings.max_connections,
         server_header=False,
     )
-    DrainingServer(config, app.state.services, settings.drain_delay).run()
+    try:
+        DrainingServer(config, app.state.services, settings.drain_delay).run()
+    finally:
+        shutdown_logging()  # flush, bounded: a stalled sink cannot hold the exit
     return 0
 
 

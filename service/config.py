@@ -55,3 +55,6 @@ class Settings(BaseSettings):
     max_connections: int = Field(1024, ge=1, description="open connections before 503")
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_queue_size: int = Field(
+        4096, ge=1, description="log records waiting for the writer; past it they are dropped"
+    )

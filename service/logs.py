@@ -1,9 +1,25 @@
-"""Structured logs: one JSON object per line, carrying the request id of the request at hand."""
+"""Structured logs: one JSON object per line, carrying the request id of the request at hand.
+
+Logging never blocks serving. A record is put on a bounded queue (microseconds, on the event
+loop) and a background thread formats and writes it. When the sink stalls (a full stderr pipe
+nobody reads, a stuck log collector), the queue fills and further records are dropped and
+counted (`bnserve_log_records_dropped_total`) instead of freezing requests, health checks and
+SIGTERM handling. The writer writes to its own duplicate of stderr's file descriptor: a thread
+blocked inside `sys.stderr.write` would hold that stream's lock, and interpreter shutdown, which
+flushes sys.stderr, would then abort ("could not acquire lock ... at interpreter shutdown").
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
 import logging
+import os
+import queue
 import sys
+import threading
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -11,7 +27,19 @@ import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "request_id", "taskName"
+}  # fmt: skip
+
+QUEUE_SIZE = 4096  # records waiting for the writer before new ones are dropped
+FLUSH_TIMEOUT = 2.0  # seconds shutdown waits for the writer; a stalled sink cannot hold exit
+POLL_INTERVAL = 0.02  # the writer wakes this often, not once per record: fewer thread switches
+BATCH = 512  # records joined into one write
+
+
+def _rid(record: logging.LogRecord) -> str | None:
+    # Captured when the record was made (the writer thread has no request context).
+    return record.__dict__.get("request_id", request_id.get())
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,7 +50,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        rid = request_id.get()
+        rid = _rid(record)
         if rid is not None:
             entry["request_id"] = rid
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
@@ -37,19 +65,177 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        rid = request_id.get()
+        rid = _rid(record)
         return f"{text} [{rid}]" if rid else text
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+class DropCounter:
+    """Records dropped in this process (all handlers), for the metrics endpoint."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n
+
+
+DROPPED = DropCounter()
+
+
+def dropped_records() -> int:
+    return DROPPED.value
+
+
+class QueueingHandler(logging.Handler):
+    """Puts records on a bounded queue for a `LogWriter`; never waits. Formatting (message
+    arguments, JSON, timestamps) happens on the writer thread, off the event loop."""
+
+    def __init__(self, records: queue.Queue, dropped: DropCounter = DROPPED) -> None:
+        super().__init__()
+        self.records = records
+        self.dropped = dropped
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: the queue is thread-safe, and the lock is a cost on every request.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.request_id = request_id.get()
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.dropped.add()
+
+
+def fd_sink(fd: int) -> Callable[[bytes], None]:
+    """Write all of `data` to a file descriptor (blocking, outside any Python lock)."""
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
+def stderr_sink() -> Callable[[bytes], None]:
+    try:
+        return fd_sink(os.dup(sys.stderr.fileno()))
+    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr replaced, no fd
+        stream = sys.stderr
+
+        def write(data: bytes) -> None:
+            stream.write(data.decode("utf-8", "replace"))
+            stream.flush()
+
+        return write
+
+
+class LogWriter:
+    """The background thread: drains the queue in batches, formats, writes to the sink.
+
+    A daemon thread, so a sink blocked for ever (a pipe nobody reads) cannot keep the process
+    alive; `close` waits at most `timeout` for the queue to be written."""
+
+    def __init__(
+        self,
+        formatter: logging.Formatter,
+        sink: Callable[[bytes], None],
+        capacity: int = QUEUE_SIZE,
+        dropped: DropCounter = DROPPED,
+    ) -> None:
+        self.formatter = formatter
+        self.sink = sink
+        self.dropped = dropped
+        self.records: queue.Queue = queue.Queue(maxsize=capacity)
+        self.handler = QueueingHandler(self.records, dropped)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bnserve-log-writer", daemon=True)
+
+    def start(self) -> LogWriter:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Write what is queued and stop; True when everything queued was written in time."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive() and self.records.empty()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()  # read before draining: nothing put before is missed
+            while self._write_batch():
+                pass
+            if stopping:
+                return
+            self._stop.wait(POLL_INTERVAL)
+
+    def _write_batch(self) -> bool:
+        lines = []
+        with contextlib.suppress(queue.Empty):
+            while len(lines) < BATCH:
+                lines.append(self._format(self.records.get_nowait()))
+        if not lines:
+            return False
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+        try:
+            self.sink(data)
+        except OSError:  # the reader went away (EPIPE) or the sink broke: count, go on
+            self.dropped.add(len(lines))
+        return True
+
+    def _format(self, record: logging.LogRecord) -> str:
+        try:
+            return self.formatter.format(record)
+        except Exception as exc:  # a bad message argument must not kill the writer
+            return f"unformattable log record from {record.name}: {exc!r} ({record.msg!r})"
+
+
+_writer: LogWriter | None = None
+
+
+def configure_logging(
+    fmt: str = "json",
+    level: str = "info",
+    queue_size: int = QUEUE_SIZE,
+    sink: Callable[[bytes], None] | None = None,
+) -> LogWriter:
+    """Route bnserve's, uvicorn's, warnings' and other libraries' logs through one writer."""
+    global _writer  # noqa: PLW0603 - one writer per process, like stderr itself
+    shutdown_logging()
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    _writer = LogWriter(formatter, sink or stderr_sink(), queue_size).start()
+    handler = _writer.handler
     root = logging.getLogger("bnserve")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
-    for name in ("uvicorn", "uvicorn.error"):
+    for name in ("uvicorn", "uvicorn.error", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False
+    logging.getLogger().handlers[:] = [handler]  # anything else: not Python's stderr fallback
+    logging.captureWarnings(True)
+    # Neither format shows the caller's file/line, thread or process: skip finding them for
+    # every record (the stack walk alone is a few µs on the event loop per request).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.getLogger("uvicorn.access").disabled = True  # the middleware logs requests
+    return _writer
+
+
+def shutdown_logging(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Flush the queue (waiting at most `timeout`) and stop the writer."""
+    global _writer
+    writer, _writer = _writer, None
+    return writer.close(timeout) if writer is not None else True
+
+
+atexit.register(shutdown_logging)

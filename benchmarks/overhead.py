@@ -1,0 +1,220 @@
+"""Per-request overhead of bnserve against the stack's floor, side by side in one run:
+
+- floor: a bare uvicorn + httptools + uvloop ASGI app that reads the body and answers a fixed
+  v2 JSON body (benchmarks/bare_asgi.py);
+- digits demo model, one sample: bnserve with JSON and with binary tensors;
+- ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
+  tritonclient.http (and through http.client with a pre-encoded body) vs JSON.
+
+    python -m benchmarks.overhead [--rounds 5] [--repository artifacts/overhead]
+
+One client on 127.0.0.1, one keep-alive connection per server, bodies encoded in advance. Ways
+are timed in blocks that take turns round by round, never interleaved call by call: an ONNX
+Runtime pool that just ran steals the cores the next call needs, so interleaving a raw session
+with the server call by call makes the server look much slower than it is. Prints p50/p99, the
+ratios the targets are about, and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from benchmarks.resnet import export_benchmark_model
+from benchmarks.serving import binary_body, json_body, percentile
+from service.launcher import ROOT, ServiceProcess, free_port
+from service.runtime import SessionFactory
+
+
+@dataclass(frozen=True)
+class Ratio:
+    label: str
+    way: str
+    reference: str
+    target: float
+
+
+RATIOS = [
+    Ratio("digits JSON / floor", "digits JSON", "floor (bare ASGI)", 1.6),
+    Ratio("digits binary / floor", "digits binary", "floor (bare ASGI)", 1.6),
+    Ratio("ResNet binary (tritonclient) / raw", "ResNet binary tritonclient", "ResNet raw", 1.05),
+    Ratio("ResNet binary (http.client) / raw", "ResNet binary http.client", "ResNet raw", 1.05),
+    Ratio("ResNet JSON / raw", "ResNet JSON", "ResNet raw", 1.25),
+]
+
+
+def digits_repository(repository: Path) -> Path:
+    """The demo model (`python -m export demo`), made once."""
+    if not (repository / "digits").exists():
+        subprocess.run(
+            [sys.executable, "-m", "export", "demo", "--repository", str(repository)],
+            cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    return repository
+
+
+class BareServer:
+    """benchmarks/bare_asgi.py in a child process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bare_asgi", "--port", str(self.port)],
+            cwd=ROOT, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection.request("GET", "/")
+                connection.getresponse().read()
+                connection.close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the bare ASGI app did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def poster(port: int, path: str, body: bytes, headers: dict) -> Callable[[], None]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post() -> None:
+        for attempt in (1, 2):
+            try:
+                connection.request("POST", path, body=body, headers=headers)
+                response = connection.getresponse()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected):
+                # uvicorn closes connections idle for 5 s (while other ways take their turn)
+                connection.close()
+                if attempt == 2:
+                    raise
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{path}: HTTP {response.status}")
+
+    return post
+
+
+def tritonclient_infer(port: int, model: str, x: np.ndarray, name: str) -> Callable[[], None]:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}", concurrency=1)
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    output = triton.InferRequestedOutput("output", binary_data=True)
+    return lambda: client.infer(model, [tensor], outputs=[output]).as_numpy("output")
+
+
+def binary_body_for(x: np.ndarray, name: str, output: str) -> tuple[bytes, dict]:
+    header = orjson.dumps(
+        {
+            "inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+        }
+    )  # fmt: skip
+    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
+
+
+def time_block(call: Callable[[], None], count: int) -> list[float]:
+    try:  # untimed: reopens a connection the server closed while other ways ran
+        call()
+    except Exception:
+        call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "overhead")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--small", type=int, default=400, help="calls per block, small ways")
+    parser.add_argument("--large", type=int, default=25, help="calls per block, ResNet ways")
+    parser.add_argument("--no-resnet", action="store_true", help="floor and digits only")
+    args = parser.parse_args(argv)
+
+    repository = digits_repository(args.repository)
+    if not args.no_resnet:
+        resnet = export_benchmark_model(repository)
+    sample = next((repository / "digits" / "1" / "samples").glob("*.json"))
+    tensor = orjson.loads(sample.read_bytes())["inputs"][0]
+    digit = np.array(tensor["data"][:64], np.float32).reshape(1, 1, 8, 8)
+
+    bare = BareServer()
+    server = ServiceProcess(repository).wait_ready()
+    try:
+        digits_path = "/v2/models/digits/infer"
+        calls: dict[str, Callable[[], None]] = {
+            "floor (bare ASGI)": poster(bare.port, digits_path, *json_body(digit, "images")),
+            "digits JSON": poster(server.port, digits_path, *json_body(digit, "images")),
+            "digits binary": poster(
+                server.port, digits_path, *binary_body_for(digit, "images", "logits")
+            ),
+        }
+        counts = dict.fromkeys(calls, args.small)
+        if not args.no_resnet:
+            session = SessionFactory().create(resnet / "model.onnx")
+            name = session.get_inputs()[0].name
+            x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+            path = "/v2/models/resnet18/infer"
+            calls |= {
+                "ResNet raw": lambda: session.run(None, {name: x}),
+                "ResNet binary tritonclient": tritonclient_infer(server.port, "resnet18", x, name),
+                "ResNet binary http.client": poster(server.port, path, *binary_body(x, name)),
+                "ResNet JSON": poster(server.port, path, *json_body(x, name)),
+            }
+            counts |= {way: args.large for way in calls if way.startswith("ResNet")}
+        for call in calls.values():  # warm-up: first runs allocate, tune and fill caches
+            for _ in range(5):
+                call()
+        results: dict[str, list[float]] = {way: [] for way in calls}
+        for _ in range(args.rounds):
+            for way, call in calls.items():
+                results[way].extend(time_block(call, counts[way]))
+    finally:
+        server.stop()
+        bare.stop()
+
+    print(f"\nPer-request overhead, one client, keep-alive, {os.cpu_count()} cores (provisional")
+    print("on a shared machine; blocks take turns, never interleaved call by call)")
+    print(f"{'way':<28} | {'p50 ms':>8} | {'p99 ms':>8} | {'n':>5}")
+    print("-" * 58)
+    for way, samples in results.items():
+        print(
+            f"{way:<28} | {percentile(samples, 50):8.3f} | {percentile(samples, 99):8.3f} | "
+            f"{len(samples):>5}"
+        )
+    print(f"\n{'ratio of p50s':<36} | {'value':>6} | {'target':>7} | met")
+    print("-" * 62)
+    for ratio in RATIOS:
+        if ratio.way not in results:
+            continue
+        value = statistics.median(results[ratio.way]) / statistics.median(results[ratio.reference])
+        met = "yes" if value <= ratio.target else "no"
+        print(f"{ratio.label:<36} | {value:6.2f} | {ratio.target:6.2f}x | {met}")
+
+
+if __name__ == "__main__":
+    main()
