@@ -107,25 +107,32 @@ def stream(client: Client, version: str, images: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
-def live_drift(client: Client, version: str, expected: int, timeout: float = 60.0) -> dict:
-    """The live stat-drift report once the monitor has merged what was sent (or timeout)."""
+def live_drift(client: Client, version: str, sent: int, timeout: float = 30.0) -> dict:
+    """The live stat-drift report once the monitor has merged or dropped what was sent."""
     path = f"/v2/models/{MODEL}/versions/{version}/stat-drift/live"
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, None
     while True:
         report = client.debug("GET", path)
-        merged = report["current"]["samples"]
-        if report["monitor"]["pending_samples"] == 0 and merged >= expected:
+        monitor = report["monitor"]
+        seen = (
+            monitor["sampled_requests"],
+            monitor["dropped_requests"],
+            monitor["pending_samples"],
+        )
+        settled = monitor["pending_samples"] == 0 and seen == last
+        if settled or time.monotonic() > deadline:
             return report
-        if time.monotonic() > deadline:
-            return report
-        time.sleep(0.25)
+        last = seen
+        time.sleep(0.5)
 
 
 def print_drift(title: str, report: dict) -> None:
     window, summary = report["current"], report["current"]["summary"]
+    dropped = report["monitor"]["dropped_requests"]
     print(
         f"\n{title}: live stat-drift of v{report['model_version']} over {window['samples']} "
-        f"sampled requests: verdict {summary['verdict'].upper()}"
+        f"sampled samples ({dropped} requests dropped by the monitor since load): "
+        f"verdict {summary['verdict'].upper()}"
         + (
             f", most drifted {', '.join(summary['most_drifted'])}"
             if summary["most_drifted"]
@@ -160,7 +167,7 @@ def wait_ready(client: Client, version: str, timeout: float = 60.0) -> None:
     raise DemoError(f"{MODEL} v{version} did not become ready within {timeout:.0f} s")
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def run(args: argparse.Namespace) -> dict:
     client = Client(args.url, args.admin_token, args.debug_token)
     x_train, _y_train, x_test, y_test = digits_split()
     traffic, held_out = shifted(x_train, SHIFT), shifted(x_test, SHIFT)
@@ -194,7 +201,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         f"  {len(traffic)} requests in {seconds:.1f} s; capture stopped ({status['stop_reason']})"
         f" with {status['samples']} samples, {status['bytes']} bytes"
     )
-    print_drift("before", live_drift(client, version, len(traffic)))
+    drift = live_drift(client, version, len(traffic))
+    print_drift("before", drift)
+    verdicts = {"before": drift["current"]["summary"]["verdict"]}
 
     capture = Path(status["path"])
     if args.capture_dir is not None:
@@ -208,16 +217,19 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     new = str(report.version)
     print(
         f"  wrote {report.path} (parity {report.verification.parity_rel_error:.1e} against its "
-        f"reference.onnx); per layer, RMS mean shift in running-std units:"
+        f"reference.onnx); per layer, RMS over channels of the mean shift (old std units) and "
+        "of the log variance ratio:"
     )
     for layer in report.recalibration.layers:
-        print(f"    {layer.name:<10} {layer.mean_shift:.3f}")
+        print(f"    {layer.name:<10} {layer.mean_shift:7.3f} {layer.log_var_ratio:7.3f}")
 
     client.admin("POST", f"/v2/repository/models/{MODEL}/load")
     wait_ready(client, new)
     print(f"\nloaded {MODEL} v{new}; streaming {len(held_out)} held-out {SHIFT} images to it ...")
     stream(client, new, held_out)
-    print_drift("after", live_drift(client, new, len(held_out)))
+    drift = live_drift(client, new, len(held_out))
+    print_drift("after", drift)
+    verdicts["after"] = drift["current"]["summary"]["verdict"]
 
     figures["after_shifted"] = accuracy(client, new, held_out, y_test)
     figures["after_in_distribution"] = accuracy(client, new, x_test, y_test)
@@ -230,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         f"v{new} {figures['after_in_distribution']:.4f} (v{new}'s statistics describe the "
         f"{SHIFT} traffic now)"
     )
-    return figures
+    return {"versions": [version, new], "live_drift": verdicts, "accuracy": figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug-token", default=os.environ.get("BNSERVE_DEBUG_TOKEN"))
     args = parser.parse_args(argv)
     try:
-        run(args)
+        result = run(args)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(f"\nresult: {json.dumps(result)}")
     return 0
 
 
