@@ -163,7 +163,7 @@ def _through_pytorch(parent, capture, inputs, before, *, factory, weights, label
             stats.count = counts.get(stats.onnx_node)
         return _record(parent, capture, "pytorch", before, after)
 
-    return export_model(
+    report = export_model(
         model,
         tuple(t[:8] for t in tensors),
         calibration=tensors,
@@ -173,7 +173,8 @@ def _through_pytorch(parent, capture, inputs, before, *, factory, weights, label
         output_names=[spec.name for spec in parent.outputs],
         provenance=provenance,
         **common,
-    ).model_copy(update={"warnings": warns})
+    )
+    return report.model_copy(update={"warnings": [*report.warnings, *warns]})
 
 
 def _values_per_channel(reference: onnx.ModelProto, samples: int) -> dict[str, int | None]:

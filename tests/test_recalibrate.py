@@ -9,6 +9,7 @@ tests/captures.py from the documented format, so nothing here depends on the ser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -309,6 +310,9 @@ def _bad_inputs(base) -> dict[str, tuple[list[str], str]]:
     missing_shard = Path(capture("missing_shard", {"x": traffic[:10]}))
     (missing_shard / "shard-00000.x.npy").unlink()
 
+    write_capture(root / "two", {"x": traffic[:10]}, capture_id="a")
+    write_capture(root / "two", {"x": traffic[:10]}, capture_id="b")
+
     def calibrate(calibration: str, src: str = source) -> list[str]:
         return ["recalibrate", "--source", src, "--calibration", calibration]
 
@@ -337,6 +341,7 @@ def _bad_inputs(base) -> dict[str, tuple[list[str], str]]:
         "malformed_manifest": (calibrate(str(malformed)), "is malformed"),
         "manifest_without_shards": (calibrate(str(wrong_format)), "malformed at shards"),
         "missing_shard": (calibrate(str(missing_shard)), "cannot read capture shard"),
+        "two_captures": (calibrate(str(root / "two")), "2 captures below it"),
     }
 
 
@@ -364,6 +369,7 @@ BAD_CASES = [
     "malformed_manifest",
     "manifest_without_shards",
     "missing_shard",
+    "two_captures",
 ]
 
 
@@ -381,3 +387,24 @@ def test_bad_input_is_one_error_line_and_repository_untouched(case, bad_runs, ba
     assert "expected" in errors[0]
     assert tree(base["repository"]) == before
     assert not list((base["root"] / "bad").rglob("small_onnx/2"))
+
+
+def test_large_models_keep_per_channel_statistics_in_a_sidecar(base, monkeypatch):
+    """Above INLINE_CHANNELS the per-channel arrays leave model.json for recalibration.json."""
+    import export.recalibrate as module
+
+    monkeypatch.setattr(module, "INLINE_CHANNELS", 10)
+    repository = fresh_repository(base, "sidecar")
+    report = module.recalibrate(repository / "small_onnx" / "1", base["capture"])
+    version = Path(report.path)
+    card = json.loads((version / "model.json").read_text())
+    record = card["recalibration"]
+    assert record["statistics_file"] == "recalibration.json"
+    assert all(layer["before"] is None and layer["after"] is None for layer in record["layers"])
+    sidecar = (version / "recalibration.json").read_bytes()
+    assert card["files"]["recalibration.json"]["bytes"] == len(sidecar)
+    assert card["files"]["recalibration.json"]["sha256"] == hashlib.sha256(sidecar).hexdigest()
+    layers = {layer["name"]: layer for layer in json.loads(sidecar)}
+    mean, var = bn_statistics(version)["bn2"]
+    np.testing.assert_allclose(layers["bn2"]["after"]["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(layers["bn2"]["after"]["var"], var, rtol=1e-6)
