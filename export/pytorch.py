@@ -60,6 +60,8 @@ def export_model(
     and names them, "instance" normalizes each sample with its own statistics, "calibrate"
     gives them exact population statistics from `calibration`. recalibrate=True recomputes
     every layer's statistics from `calibration` (PreciseBN). See export/statistics.py.
+    provenance and extra_files are for `recalibrate` (export/recalibrate.py): the card's
+    recalibration record and files copied into the version as they are.
     """
     started = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
