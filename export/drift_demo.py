@@ -107,7 +107,7 @@ def stream(client: Client, version: str, images: np.ndarray) -> float:
     return time.perf_counter() - started
 
 
-def live_drift(client: Client, version: str, sent: int, timeout: float = 30.0) -> dict:
+def live_drift(client: Client, version: str, timeout: float = 30.0) -> dict:
     """The live stat-drift report once the monitor has merged or dropped what was sent."""
     path = f"/v2/models/{MODEL}/versions/{version}/stat-drift/live"
     deadline, last = time.monotonic() + timeout, None
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         f"  {len(traffic)} requests in {seconds:.1f} s; capture stopped ({status['stop_reason']})"
         f" with {status['samples']} samples, {status['bytes']} bytes"
     )
-    drift = live_drift(client, version, len(traffic))
+    drift = live_drift(client, version)
     print_drift("before", drift)
     verdicts = {"before": drift["current"]["summary"]["verdict"]}
 
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
     wait_ready(client, new)
     print(f"\nloaded {MODEL} v{new}; streaming {len(held_out)} held-out {SHIFT} images to it ...")
     stream(client, new, held_out)
-    drift = live_drift(client, new, len(held_out))
+    drift = live_drift(client, new)
     print_drift("after", drift)
     verdicts["after"] = drift["current"]["summary"]["verdict"]
 
