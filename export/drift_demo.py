@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         f"({len(held_out)} images), {figures['before_in_distribution']:.4f} as trained"
     )
 
+    live_drift(client, version)  # the accuracy batches are merged before the window restarts
     client.debug("POST", f"/v2/models/{MODEL}/versions/{version}/stat-drift/live/reset")
     check_monitor(client.debug("GET", f"/v2/models/{MODEL}/versions/{version}/stat-drift/live"))
     status = client.admin(
