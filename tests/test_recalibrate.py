@@ -10,6 +10,7 @@ tests/captures.py from the documented format, so nothing here depends on the ser
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 import subprocess
@@ -391,7 +392,8 @@ def test_bad_input_is_one_error_line_and_repository_untouched(case, bad_runs, ba
 
 def test_large_models_keep_per_channel_statistics_in_a_sidecar(base, monkeypatch):
     """Above INLINE_CHANNELS the per-channel arrays leave model.json for recalibration.json."""
-    import export.recalibrate as module
+    # export.recalibrate is also the function's name in the package: take the module itself.
+    module = importlib.import_module("export.recalibrate")
 
     monkeypatch.setattr(module, "INLINE_CHANNELS", 10)
     repository = fresh_repository(base, "sidecar")
