@@ -140,7 +140,14 @@ def recalibrate(
 
 
 def _through_pytorch(parent, capture, inputs, before, *, factory, weights, labels, common, warns):
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"--factory/--weights recalibrate through PyTorch, which cannot be imported here "
+            f"({exc}); expected torch installed (pip install 'bnserve[export]'), or no "
+            "--factory/--weights to recalibrate through reference.onnx without torch"
+        ) from exc
 
     from .loading import load_model
     from .pytorch import export_model

@@ -343,6 +343,10 @@ def _bad_inputs(base) -> dict[str, tuple[list[str], str]]:
         "manifest_without_shards": (calibrate(str(wrong_format)), "malformed at shards"),
         "missing_shard": (calibrate(str(missing_shard)), "cannot read capture shard"),
         "two_captures": (calibrate(str(root / "two")), "2 captures below it"),
+        "factory_without_torch": (
+            [*calibrate(str(base["capture"])), "--factory", "factories:build_x"],
+            "cannot be imported here",
+        ),
     }
 
 
@@ -371,6 +375,7 @@ BAD_CASES = [
     "manifest_without_shards",
     "missing_shard",
     "two_captures",
+    "factory_without_torch",
 ]
 
 
@@ -388,6 +393,27 @@ def test_bad_input_is_one_error_line_and_repository_untouched(case, bad_runs, ba
     assert "expected" in errors[0]
     assert tree(base["repository"]) == before
     assert not list((base["root"] / "bad").rglob("small_onnx/2"))
+
+
+def test_factory_of_another_architecture_is_refused(base):
+    repository = fresh_repository(base, "other")
+    before = tree(repository)
+    result = run_cli(
+        "export",
+        "recalibrate",
+        "--source",
+        str(repository / "small" / "1"),
+        "--calibration",
+        str(base["capture"]),
+        "--factory",
+        "factories:build_other",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ")
+    assert "has BatchNorm layers ['1']" in error
+    assert "expected the source version's ['input_bn', 'bn1'" in error
+    assert tree(repository) == before
 
 
 def test_large_models_keep_per_channel_statistics_in_a_sidecar(base, monkeypatch):
