@@ -1,7 +1,8 @@
 """bnserve export: PyTorch or ONNX models -> eval-mode ONNX with every BatchNorm folded away,
 verified, and written as a versioned entry of the model repository.
 
-`export_model` needs torch; `fold_onnx` and the fold passes do not, so torch is imported lazily.
+`export_model` needs torch; `fold_onnx`, `recalibrate` (without a factory) and the fold passes do
+not, so torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import (
     VerificationError,
 )
 from .onnx_source import fold_onnx
+from .recalibrate import recalibrate
 
 if TYPE_CHECKING:
     from .pytorch import export_model
@@ -33,6 +35,7 @@ __all__ = [
     "VerificationError",
     "export_model",
     "fold_onnx",
+    "recalibrate",
 ]
 
 

@@ -71,6 +71,56 @@ class FileRecord(BaseModel):
     bytes: int
 
 
+class ChannelStatistics(BaseModel):
+    mean: list[float]
+    var: list[float] = Field(description="biased (population) variance")
+
+
+class RecalibratedLayer(BaseModel):
+    name: str
+    onnx_node: str
+    channels: int
+    values_per_channel: int | None = Field(
+        description="captured values each channel pools (samples x positions); None if unknown"
+    )
+    mean_shift: float = Field(
+        description="RMS over channels of (mean_after - mean_before) / sqrt(var_before + eps)"
+    )
+    log_var_ratio: float = Field(
+        description="RMS over channels of ln((var_after + eps) / (var_before + eps))"
+    )
+    before: ChannelStatistics | None = Field(
+        default=None, description="per channel; in statistics_file instead for large models"
+    )
+    after: ChannelStatistics | None = None
+
+
+class CaptureRecord(BaseModel):
+    capture_id: str
+    model: str
+    version: str
+    started: str
+    stopped: str | None
+    stop_reason: str | None = None
+    samples: int
+
+
+class Recalibration(BaseModel):
+    """Provenance of a version made by `python -m export recalibrate`."""
+
+    parent_version: int
+    method: Literal["onnxruntime", "pytorch"] = Field(
+        description="onnxruntime: measured through the parent's reference.onnx; pytorch: "
+        "through the factory + weights (export_model(recalibrate=True))"
+    )
+    capture: CaptureRecord
+    layers: list[RecalibratedLayer]
+    statistics_file: str | None = Field(
+        default=None,
+        description="sidecar with per-channel before/after when model.json would grow too large",
+    )
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +141,9 @@ class ModelCard(BaseModel):
     samples: list[str] = Field(default=[], description="v2 request bodies under samples/")
     serving: dict[str, object] | None = Field(
         default=None, description="optional service settings such as dynamic batching"
+    )
+    recalibration: Recalibration | None = Field(
+        default=None, description="set on versions made by `python -m export recalibrate`"
     )
 
 

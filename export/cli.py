@@ -1,4 +1,4 @@
-"""Command line: python -m export {pytorch,onnx,demo}.
+"""Command line: python -m export {pytorch,onnx,recalibrate,demo}.
 
 Errors print one line (`error: what is wrong; expected ...`) and exit 1; nothing is written.
 """
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export a model with every BatchNorm folded into the bnserve model repository.",
     )
-    sub = parser.add_subparsers(required=True, metavar="{pytorch,onnx,demo}")
+    sub = parser.add_subparsers(required=True, metavar="{pytorch,onnx,recalibrate,demo}")
 
     p = sub.add_parser("pytorch", help="export a PyTorch model (factory + weights, or .pt2)")
     p.add_argument("--factory", help="pkg.module:callable returning the torch.nn.Module")
@@ -73,6 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--input-shape", action="append", type=_shape, help="verification shape")
     _common(o)
     o.set_defaults(handler=_onnx)
+
+    r = sub.add_parser(
+        "recalibrate",
+        help="new version with BN statistics measured on captured traffic (PreciseBN)",
+    )
+    r.add_argument("--source", type=Path, required=True, help="models/<name>/<version>")
+    r.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        help="capture folder (<capture_dir>/<model>/<version>/<capture_id>, or a folder above "
+        "it holding exactly one capture)",
+    )
+    r.add_argument("--factory", help="pkg.module:callable: measure through PyTorch instead")
+    r.add_argument("--weights", type=Path, help="state_dict (or .pt2) for --factory")
+    r.add_argument("--repository", type=Path, help="default: the source version's repository")
+    r.add_argument("--version", type=int, help="version number (default: next free)")
+    r.set_defaults(handler=_recalibrate)
 
     d = sub.add_parser("demo", help="train the digits CNN and export it as models/digits/1")
     d.add_argument("--repository", type=Path, default=Path("models"))
@@ -147,6 +165,20 @@ def _onnx(args, progress) -> ExportReport:
     )
 
 
+def _recalibrate(args, progress) -> ExportReport:
+    from .recalibrate import recalibrate
+
+    return recalibrate(
+        args.source,
+        args.calibration,
+        repository=args.repository,
+        version=args.version,
+        factory=args.factory,
+        weights=args.weights,
+        progress=progress,
+    )
+
+
 def _demo(args, progress) -> ExportReport | None:
     from .demo import run_demo
 
@@ -193,8 +225,26 @@ def _summary(console: Console, report: ExportReport) -> None:
     checks.add_row("written to", report.path)
     checks.add_row("took", f"{report.seconds:.1f} s")
     console.print(checks)
+    if report.recalibration is not None:
+        _recalibration(console, report)
     for warning in report.warnings:
         console.print(f"warning: {warning}", style="yellow")
+
+
+def _recalibration(console: Console, report: ExportReport) -> None:
+    r = report.recalibration
+    c = r.capture
+    table = Table(
+        title=f"recalibrated from v{r.parent_version} ({r.method}) on capture {c.capture_id}: "
+        f"{c.samples} samples, {c.started} .. {c.stopped or 'running'}",
+        title_justify="left",
+    )
+    for column in ("layer", "values/channel", "mean shift (RMS, sigma)", "log var ratio (RMS)"):
+        table.add_column(column)
+    for layer in r.layers:
+        count = "?" if layer.values_per_channel is None else str(layer.values_per_channel)
+        table.add_row(layer.name, count, f"{layer.mean_shift:.3f}", f"{layer.log_var_ratio:.3f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .card import ExportReport
+from .digits import SHIFTS, digits_split, shifted
 from .publish import Progress, quiet
 
 LABELS = [str(d) for d in range(10)]
@@ -49,14 +49,7 @@ class DigitsNet(nn.Module):
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train/test split of the 1797 bundled digits as raw pixels shaped (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    data = sklearn_digits()
-    images = data.images.astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, data.target, test_size=0.25, random_state=0, stratify=data.target
-    )
+    x_train, y_train, x_test, y_test = digits_split()
     return (
         torch.from_numpy(x_train),
         torch.from_numpy(y_train).long(),
@@ -95,12 +88,8 @@ def train(epochs: int = 12, seed: int = 0) -> tuple[DigitsNet, float, torch.Tens
 
 def sample_batches(x_test: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batches for the stat-drift endpoint: as trained, and two shifts of the pixel values."""
-    batch = x_test[:SAMPLE_BATCH]
-    return {
-        "in_distribution": batch,
-        "inverted": 16.0 - batch,
-        "brightened": torch.clamp(batch + 8.0, 0.0, 16.0),
-    }
+    batch = x_test[:SAMPLE_BATCH].numpy()
+    return {shift: torch.from_numpy(shifted(batch, shift)) for shift in SHIFTS}
 
 
 def run_demo(

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import orjson
 
-from .card import AffineFoldRecord, BatchNormLayer, ExportReport, ModelCard
+from .card import AffineFoldRecord, BatchNormLayer, ExportReport, ModelCard, Recalibration
 from .errors import InvalidInputError
 from .fold import FoldedLayer, fold_batch_norms
 from .onnx_io import tensor_specs
@@ -20,6 +20,9 @@ from .repository import file_record, write_version
 from .verify import verify_export
 
 Progress = Callable[[str], None]
+# Given the reference graph being published: the card's recalibration record and any sidecar
+# files it needs (export/recalibrate.py).
+Provenance = Callable[[onnx.ModelProto], tuple[Recalibration, dict[str, bytes]]]
 
 
 def quiet(_step: str) -> None:
@@ -56,6 +59,8 @@ def publish(
     warnings: Sequence[str] = (),
     started: float,
     progress: Progress = quiet,
+    provenance: Provenance | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ExportReport:
     progress("Folding BatchNorm layers")
     folded = fold_batch_norms(reference)
@@ -84,6 +89,11 @@ def publish(
     }
     for key, arrays in (samples or {}).items():
         files[f"samples/{key}.json"] = _sample_request(inputs_spec, arrays)
+    files.update(extra_files or {})
+    recalibration = None
+    if provenance is not None:
+        recalibration, sidecars = provenance(reference)
+        files.update(sidecars)
     opset = next((o.version for o in reference.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def make_card(chosen: int) -> ModelCard:
@@ -100,9 +110,10 @@ def publish(
             batch_norm=layers,
             affine_folds=[AffineFoldRecord(**vars(f)) for f in folded.affine_folds],
             verification=verification,
-            files={k: file_record(v) for k, v in files.items() if k.endswith(".onnx")},
+            files={k: file_record(v) for k, v in files.items() if not k.startswith("samples/")},
             samples=sorted(k for k in files if k.startswith("samples/")),
             serving=serving,
+            recalibration=recalibration,
         )
 
     progress("Writing to the model repository")

@@ -20,7 +20,7 @@ from torch.utils import _pytree
 from .card import BatchNormLayer, ExportReport
 from .errors import BatchStatisticsError, InvalidInputError
 from .fold import FoldedLayer
-from .publish import Progress, publish, quiet
+from .publish import Progress, Provenance, publish, quiet
 from .statistics import (
     as_batches,
     batch_norm_layers,
@@ -51,6 +51,8 @@ def export_model(
     serving: dict | None = None,
     description: str | None = None,
     progress: Progress = quiet,
+    provenance: Provenance | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> ExportReport:
     """Export `model` in eval mode with every BatchNorm folded, verified, into the repository.
 
@@ -58,6 +60,8 @@ def export_model(
     and names them, "instance" normalizes each sample with its own statistics, "calibrate"
     gives them exact population statistics from `calibration`. recalibrate=True recomputes
     every layer's statistics from `calibration` (PreciseBN). See export/statistics.py.
+    provenance and extra_files are for `recalibrate` (export/recalibrate.py): the card's
+    recalibration record and files copied into the version as they are.
     """
     started = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
@@ -173,6 +177,8 @@ def export_model(
         warnings=notes,
         started=started,
         progress=progress,
+        provenance=provenance,
+        extra_files=extra_files,
     )
 
 

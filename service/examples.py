@@ -35,9 +35,25 @@ def examples(repository: str, url: str) -> str:
                 f"| {summary}"
             )
         lines.append(f"  open {url}/v2/models/{name}/stat-drift/view   # the stat-drift page")
+    if "digits" in repo.model_names():
+        lines.extend(drift_loop(repository, url))
     lines.append(f"\n  curl -s {url}/metrics | grep bnserve_   # Prometheus metrics")
     lines.append(f"  open {url}/docs                         # OpenAPI")
     return "\n".join(lines)
+
+
+def drift_loop(repository: str, url: str) -> list[str]:
+    """The drift -> capture -> recalibrate -> roll out demo (README, "Recalibrate from captured
+    traffic"): it needs capture on and every request sampled, so it names the settings."""
+    return [
+        "\n  # drift loop: a brightened stream, live drift, capture, recalibrate -> v2, load it,",
+        "  # live drift ok again, accuracy before/after. Serve with capture on and every",
+        "  # request sampled (capture stores request inputs):",
+        "  #   BNSERVE_CAPTURE_DIR=captures BNSERVE_DRIFT_SAMPLE_RATE=1 "
+        "BNSERVE_DRIFT_MAX_SAMPLES_PER_S=0 make run",
+        f"  .venv/bin/python -m export.drift_demo --url {url} --repository {repository} "
+        "--capture-dir captures",
+    ]
 
 
 def main() -> None:
