@@ -19,13 +19,14 @@ from .config import Settings
 from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
 from .inference import InferenceService
+from .live_hooks import close_live, live_hooks
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .model import ServingOptions
 from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
-from .routers import drift, health, infer, metrics, models, repository
+from .routers import capture, drift, health, infer, live_drift, metrics, models, repository
 from .runtime import SessionFactory
 from .state import Services
 
@@ -41,17 +42,25 @@ def build_services(settings: Settings) -> Services:
         max_queue_size=settings.max_queue_size,
         workers=settings.inference_threads,
     )
+    on_load = [attach_analyzer(factory)] if settings.debug_endpoints else []
+    live_load, live_extra = live_hooks(settings, factory, metrics_)  # live drift + capture
+    on_load += live_load
     registry = ModelRegistry(
         ModelRepository(settings.repository),
         ServingOptions(factory, metrics_, batching),
         VersionPolicy(settings.version_policy),
-        on_load=[attach_analyzer(factory)] if settings.debug_endpoints else [],
+        on_load=on_load,
         on_state=metrics_.set_model_state,
     )
     inference = InferenceService(registry, settings, metrics_)
     drift = DriftService(registry, inference, settings) if settings.debug_endpoints else None
     return Services(
-        settings=settings, metrics=metrics_, registry=registry, inference=inference, drift=drift
+        settings=settings,
+        metrics=metrics_,
+        registry=registry,
+        inference=inference,
+        drift=drift,
+        extra=live_extra,
     )
 
 
@@ -74,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await s.registry.close()
+            close_live(s)
 
     app = FastAPI(
         title="bnserve",
@@ -83,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = s
-    for module in (health, models, infer, drift, repository, metrics):
+    for module in (health, models, infer, drift, live_drift, repository, capture, metrics):
         app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)

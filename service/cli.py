@@ -15,6 +15,7 @@ from types import FrameType
 import uvicorn
 
 from .app import create_app
+from .capture import CaptureDirError
 from .config import Settings
 from .logs import configure_logging
 from .state import Services
@@ -68,7 +69,11 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except CaptureDirError as exc:  # issue 10: a capture folder that cannot be written
+        print(f"bnserve: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

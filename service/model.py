@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ class LoadedModel:
         self._retired = False
         self._lock = threading.Lock()
         self.extensions: dict[str, object] = {}  # e.g. the stat-drift analyzer
+        # Called with each request's (tensors, batch size) before it is queued; they must not
+        # block or modify the tensors (live drift monitor, traffic capture).
+        self.observers: list[Callable[[dict[str, np.ndarray], int], None]] = []
 
     def _check_signature(self) -> None:
         """model.json and model.onnx must agree, or requests would be checked against a lie."""
@@ -102,6 +106,8 @@ class LoadedModel:
 
     async def run(self, tensors: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         """Through the model's bounded queue (and dynamic batching where configured)."""
+        for observe in self.observers:
+            observe(tensors, size)
         return await self.scheduler.submit(tensors, size)
 
     @contextlib.contextmanager
