@@ -46,12 +46,13 @@ test: $(STAMP) system-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# Benchmarks print tables (about 8 minutes in all; the first run exports the ResNet-18-sized
+# Benchmarks print tables (about 12 minutes in all; the first run exports the ResNet-18-sized
 # model into artifacts/bench and builds a separate venv for the KServe peer).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.load
 	$(BIN)/python -m benchmarks.faults
+	$(BIN)/python -m benchmarks.drift_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
