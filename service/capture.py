@@ -324,7 +324,11 @@ class CaptureService:
         def observe(tensors: dict[str, np.ndarray], size: int) -> None:
             capture = self.captures.get(model.name)
             if capture is not None and capture.running and capture.version == str(model.version):
-                capture.offer(tensors, size)
+                try:
+                    capture.offer(tensors, size)
+                except Exception as exc:  # capture must never fail a request
+                    log.exception("capture failed")
+                    capture.stop(f"capture failed: {type(exc).__name__}: {exc}")
 
         model.observers.append(observe)
         model.extensions["capture"] = _StopOnClose(self, model.name, str(model.version))

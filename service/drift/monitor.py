@@ -107,6 +107,12 @@ class LiveMonitor:
 
     # -- the request path: O(1), never blocks on the monitor --------------------------------
     def offer(self, tensors: dict[str, np.ndarray], size: int) -> None:
+        try:
+            self._offer(tensors, size)
+        except Exception:  # monitoring must never fail a request
+            log.exception("live drift: sampling failed for %s", self.name)
+
+    def _offer(self, tensors: dict[str, np.ndarray], size: int) -> None:
         take = self.sampler.take(size)
         if take <= 0:
             return
