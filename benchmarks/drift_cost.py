@@ -126,8 +126,10 @@ def main(argv: list[str] | None = None) -> None:
               f"/ off: {stressed:.3f}")  # fmt: skip
     print(f"\nthroughput on / off: {ratio:.3f} (target >= 0.97)")
     print(f"batch-1 p50 on / off: {p50:.3f} (target <= 1.02)")
-    print(f"RSS growth over {elapsed:.0f} s: monitored server {growth['on']:+.1f} MiB "
-          f"(target < 20), unmonitored {growth['off']:+.1f} MiB")  # fmt: skip
+    for way, grown in growth.items():
+        target = " (target < 20)" if way == "on" else ""
+        print(f"RSS growth over {elapsed:.0f} s, 16-client server, monitoring {way}: "
+              f"{grown:+.1f} MiB{target}")  # fmt: skip
     for way, (sampled, dropped, spent) in counters.items():
         print(f"16-client server, monitoring {way}: {sampled:.0f} requests sampled, "
               f"{dropped:.0f} dropped, {spent:.2f} s of monitor thread CPU")  # fmt: skip

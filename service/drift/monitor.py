@@ -11,7 +11,6 @@ counted, so the serving path never waits; the served session and its outputs are
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -36,7 +35,7 @@ from .live_schemas import LiveDriftResponse, LiveMonitorStatus, LiveWindow
 log = logging.getLogger("bnserve.drift.live")
 EXTENSION = "live_drift"
 MAX_QUEUED_SAMPLES = 256  # bounded memory: sampled inputs waiting for the monitor thread
-MAX_RUN_SAMPLES = 32  # queued samples merged into one statistics run
+MAX_RUN_SAMPLES = 8  # samples per statistics run (its activations are allocated per run)
 GAUGE_INTERVAL = 1.0  # seconds between Prometheus gauge refreshes
 
 
@@ -47,6 +46,17 @@ class MonitorConfig:
     window_seconds: float
     history: int
     thresholds: Thresholds
+
+
+class _MonitorSessions(SessionFactory):
+    """One intra-op thread, so a run stays on the monitor's low-priority thread; no memory
+    arena, so a run's activations are freed after it instead of staying reserved (a resident
+    arena would be the monitor's largest memory cost)."""
+
+    def options(self):
+        options = super().options()
+        options.enable_cpu_mem_arena = False
+        return options
 
 
 class Sampler:
@@ -85,9 +95,8 @@ class LiveMonitor:
         graph = build_statistics_graph(reference, names)
         if not graph.layers:
             raise DriftGraphError("the model has no BatchNorm layers to monitor")
-        # One intra-op thread: the run stays on this monitor's (low-priority) thread.
-        single = dataclasses.replace(factory, intra_op_threads=1)
-        self.session = single.create(graph.model.SerializeToString())
+        sessions = _MonitorSessions(factory.providers, factory.device_id, intra_op_threads=1)
+        self.session = sessions.create(graph.model.SerializeToString())
         self.layers = graph.layers
         self.references: list[LayerReference] | None = None
         self.windows = WindowedStatistics(
@@ -182,7 +191,17 @@ class LiveMonitor:
         )
         samples = sum(size for _, size in batch)
         if self.references is None:
-            self._learn_references(tensors)
+            self._learn_references({k: v[:1] for k, v in tensors.items()})
+        pooled = [Moments.empty(layer.channels) for layer in self.layers]
+        # Runs of at most MAX_RUN_SAMPLES: the activations a run allocates stay bounded.
+        for start in range(0, samples, MAX_RUN_SAMPLES):
+            chunk = {k: v[start : start + MAX_RUN_SAMPLES] for k, v in tensors.items()}
+            size = min(MAX_RUN_SAMPLES, samples - start)
+            for acc, moments in zip(pooled, self._moments(chunk, size), strict=True):
+                acc.merge(moments)
+        self.windows.add(pooled, samples, len(batch))
+
+    def _moments(self, tensors: dict[str, np.ndarray], samples: int) -> list[Moments]:
         names = [self._tap(layer, w) for layer in self.layers for w in ("mean", "var", "shape")]
         outputs = dict(zip(names, self.session.run(names, tensors), strict=True))
         per_layer = []
@@ -195,7 +214,7 @@ class LiveMonitor:
                     count, outputs[self._tap(layer, "mean")], outputs[self._tap(layer, "var")]
                 )
             )
-        self.windows.add(per_layer, samples, len(batch))
+        return per_layer
 
     def _learn_references(self, tensors: dict[str, np.ndarray]) -> None:
         stored = ("running_mean", "running_var")
