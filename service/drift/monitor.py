@@ -36,7 +36,7 @@ from .live_schemas import LiveDriftResponse, LiveMonitorStatus, LiveWindow
 log = logging.getLogger("bnserve.drift.live")
 EXTENSION = "live_drift"
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # bounded memory: sampled inputs waiting for the thread
-MAX_RUN_SAMPLES = 8  # samples per statistics run (its activations are allocated per run)
+MAX_RUN_SAMPLES = 4  # samples per statistics run (its activations are allocated per run)
 GAUGE_INTERVAL = 1.0  # seconds between Prometheus gauge refreshes
 
 
@@ -104,17 +104,24 @@ class LiveMonitor:
             [layer.channels for layer in graph.layers], config.window_seconds, config.history
         )
         self.sampler = Sampler(config.sample_rate, config.max_samples_per_s)
-        self._warm_up(model.inputs)
         self.queue: deque[tuple[dict[str, np.ndarray], int]] = deque()
         self.queued_samples = self.queued_bytes = 0
         self.sampled = self.dropped = 0
         self.seconds = 0.0
         self._wake = threading.Condition()
         self._closed = False
+        warmed: list[BaseException | None] = []
+        ready = threading.Event()
         self._thread = threading.Thread(
-            target=self._work, name=f"drift-{self.name}-{self.version}", daemon=True
+            target=self._work,
+            args=(model.inputs, warmed, ready),
+            name=f"drift-{self.name}-{self.version}",
+            daemon=True,
         )
         self._thread.start()
+        ready.wait()
+        if warmed[0] is not None:
+            raise warmed[0]
 
     # -- the request path: O(1), never blocks on the monitor --------------------------------
     def offer(self, tensors: dict[str, np.ndarray], size: int) -> None:
@@ -143,9 +150,19 @@ class LiveMonitor:
             self._wake.notify()
 
     # -- the monitor thread ------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, inputs, warmed: list, ready: threading.Event) -> None:
         with contextlib.suppress(OSError, AttributeError):  # lowest priority for this thread
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            # On this thread: its malloc arena is where later runs allocate, so their memory
+            # is reserved at load, not grown while serving.
+            self._warm_up(inputs)
+            warmed.append(None)
+        except BaseException as exc:  # reported by the constructor: the load hook says why
+            warmed.append(exc)
+            return
+        finally:
+            ready.set()
         last_gauges = 0.0
         while True:
             with self._wake:
@@ -222,14 +239,18 @@ class LiveMonitor:
         return per_layer
 
     def _warm_up(self, inputs) -> None:
-        """One run on zeros at load: proves the graph runs, reads the stored statistics, and
-        makes the run's one-time allocations part of loading rather than of serving."""
+        """Runs on zeros at load, at the largest run size: proves the graph runs, reads the
+        stored statistics, and makes the runs' allocations part of loading, not of serving."""
         shapes = {i.name: i.shape for i in inputs}
         if any(d < 0 for shape in shapes.values() for d in shape[1:]):
             return  # dynamic sizes: the first sampled request does this
-        tensors = {i.name: np.zeros([1, *i.shape[1:]], numpy_dtype(i.datatype)) for i in inputs}
-        self._learn_references(tensors)
-        self._moments(tensors, 1)
+        for size in (1, MAX_RUN_SAMPLES):
+            tensors = {
+                i.name: np.zeros([size, *i.shape[1:]], numpy_dtype(i.datatype)) for i in inputs
+            }
+            if self.references is None:
+                self._learn_references(tensors)
+            self._moments(tensors, size)
 
     def _learn_references(self, tensors: dict[str, np.ndarray]) -> None:
         stored = ("running_mean", "running_var")
