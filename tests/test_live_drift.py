@@ -264,3 +264,30 @@ def test_bad_live_requests_are_refused_clearly(server, call, status, needle):
     response = httpx.request(method.upper(), f"{server.url}{path}", headers=headers)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        ("BNSERVE_DRIFT_SAMPLE_RATE", "1.5", "less than or equal to 1"),
+        ("BNSERVE_DRIFT_SAMPLE_RATE", "often", "valid number"),
+        ("BNSERVE_DRIFT_WINDOW", "0", "greater than 0"),
+        ("BNSERVE_DRIFT_MAX_SAMPLES_PER_S", "-1", "greater than or equal to 0"),
+    ],
+)
+def test_bad_monitoring_settings_stop_start_up_in_one_line(repository, setting, value, expected):
+    import subprocess
+    import sys
+
+    from service.launcher import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--repository", str(repository), "--port", "0"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), setting: value},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"bnserve: invalid setting {setting}={value!r}")
+    assert expected in lines[0]
