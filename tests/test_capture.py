@@ -180,3 +180,20 @@ def test_an_unwritable_capture_folder_stops_start_up_naming_the_setting(reposito
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"bnserve: BNSERVE_CAPTURE_DIR={blocker / 'captures'}")
     assert "not writable" in lines[0]
+
+
+def test_unloading_the_version_stops_its_capture(server):
+    assert call(server.url, "POST", "/start").status_code == 200
+    infer(server.url, np.zeros((2, 3, 32, 32), np.float32))
+    unload = httpx.post(f"{server.url}/v2/repository/models/small/unload", headers=AUTH)
+    assert unload.status_code == 200
+    status = call(server.url, "GET").json()
+    assert status["state"] == "stopped"
+    assert status["stop_reason"] == "model version unloaded"
+    load = httpx.post(f"{server.url}/v2/repository/models/small/load", headers=AUTH)
+    assert load.status_code == 200
+    deadline = time.monotonic() + 10
+    while (manifest := read_capture(Path(status["path"]))[0])["samples"] < 2:
+        assert time.monotonic() < deadline, manifest
+        time.sleep(0.1)
+    assert manifest["stop_reason"] == "model version unloaded"
