@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from torch_models import export_small
 
-from service import capture as capture_module
 from service.batching import BatchingConfig
 from service.capture import CaptureService, CaptureStartRequest
+from service.capture import writer as capture_writer
 from service.config import Settings
 from service.drift import monitor as monitor_module
 from service.drift.analysis import Thresholds
@@ -68,7 +68,7 @@ def test_a_stalled_monitor_drops_and_counts_instead_of_queueing_without_bound(mo
 
 
 def test_a_stalled_capture_writer_drops_and_counts(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(capture_module, "MAX_QUEUED_BYTES", 10 * 12 * 1024)  # 10 samples
+    monkeypatch.setattr(capture_writer, "MAX_QUEUED_BYTES", 10 * 12 * 1024)  # 10 samples
     service = CaptureService(Settings(capture_dir=tmp_path, repository=tmp_path))
     service.start(model, CaptureStartRequest())
     capture = service.last("small")

@@ -1,16 +1,5 @@
-"""Opt-in, bounded capture of served request inputs (BNSERVE_CAPTURE_DIR), for recalibration.
-
-Capture STORES REQUEST INPUTS on disk. It is off unless BNSERVE_CAPTURE_DIR is set, and then
-only runs between an admin's start and stop (or its bounds). Format, a fixed contract read by
-`python -m export recalibrate`:
-
-    $BNSERVE_CAPTURE_DIR/<model>/<version>/<capture_id>/
-        manifest.json                     rewritten atomically (tmp + rename) after each shard
-        shard-00000.<input name>.npy      np.save, no pickle: (samples, *per-sample shape)
-
-The request path only appends a reference to a bounded queue; a writer thread does the disk
-work. A full queue (a slow disk) drops the samples and counts them; serving never waits.
-"""
+"""One capture of one model version: accepting samples on the request path (bounded, O(1))
+and writing .npy shards and the manifest on a thread of its own."""
 
 from __future__ import annotations
 
@@ -18,107 +7,23 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from .config import Settings
-from .errors import BadRequest, NotFound
-from .protocol.datatypes import numpy_dtype
+from ..errors import BadRequest
+from ..protocol.datatypes import numpy_dtype
+from .schemas import CaptureInput, CaptureManifest, CaptureShard, CaptureStatus
 
 log = logging.getLogger("bnserve.capture")
-FORMAT = "bnserve-capture/1"
 SHARD_SAMPLES = 1024  # samples per shard at most
 SHARD_BYTES = 16 * 1024 * 1024  # input bytes per shard at most
 FLUSH_IDLE_SECONDS = 2.0  # a partial shard is written after this long without new samples
 MAX_QUEUED_BYTES = 64 * 1024 * 1024  # inputs waiting for the writer; beyond: dropped
-
-
-class CaptureDirError(Exception):
-    """BNSERVE_CAPTURE_DIR is set but cannot be written; the server must not start."""
-
-
-class CaptureStartRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_samples: int | None = Field(
-        default=None,
-        ge=1,
-        description="stop after this many samples (<= BNSERVE_CAPTURE_MAX_SAMPLES)",
-    )
-    max_bytes: int | None = Field(
-        default=None,
-        ge=1,
-        description="stop before storing more input bytes (<= BNSERVE_CAPTURE_MAX_BYTES)",
-    )
-    version: str | None = Field(
-        default=None, description="version to capture; default: latest ready"
-    )
-
-
-class CaptureInput(BaseModel):
-    name: str
-    datatype: str = Field(description="KServe v2 datatype, e.g. FP32")
-    shape: list[int] = Field(description="per-sample shape, without the batch axis")
-
-
-class CaptureShard(BaseModel):
-    index: int
-    samples: int
-    files: dict[str, str] = Field(description="input name -> .npy file in the capture folder")
-
-
-class CaptureManifest(BaseModel):
-    format: Literal["bnserve-capture/1"] = FORMAT
-    model: str
-    version: str
-    capture_id: str
-    started: str = Field(description="ISO-8601 UTC")
-    stopped: str | None = None
-    stop_reason: str | None = None
-    samples: int = Field(description="samples in the shards listed")
-    bytes: int = Field(description="input bytes in the shards listed (array data, no headers)")
-    inputs: list[CaptureInput]
-    shards: list[CaptureShard]
-
-
-class CaptureStatus(BaseModel):
-    model: str
-    version: str
-    capture_id: str
-    state: Literal["running", "stopped"]
-    started: str
-    stopped: str | None = None
-    stop_reason: str | None = None
-    samples: int = Field(description="samples written to disk")
-    bytes: int = Field(description="input bytes written to disk")
-    pending_samples: int = Field(description="accepted, not yet written")
-    dropped_samples: int = Field(description="dropped because the writer fell behind")
-    skipped_samples: int = Field(description="requests whose per-sample shape differs")
-    max_samples: int
-    max_bytes: int
-    path: str
-
-
-def check_capture_dir(path: Path) -> None:
-    """Create the folder and prove a file can be written there, or say which setting is wrong."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".bnserve-write-test-"):
-            pass
-    except OSError as exc:
-        raise CaptureDirError(
-            f"BNSERVE_CAPTURE_DIR={path} is not writable ({exc.strerror or exc}); expected a "
-            "folder the server can create files in, or leave BNSERVE_CAPTURE_DIR unset to turn "
-            "traffic capture off"
-        ) from None
 
 
 def _now() -> str:
@@ -304,105 +209,3 @@ class Capture:
             dropped_samples=self.dropped, skipped_samples=self.skipped,
             max_samples=self.max_samples, max_bytes=self.max_bytes, path=str(self.folder),
         )  # fmt: skip
-
-
-class CaptureService:
-    """The captures of one server, at most one running per model."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.root = settings.capture_dir
-        self.max_samples, self.max_bytes = settings.capture_max_samples, settings.capture_max_bytes
-        if self.root is not None:
-            check_capture_dir(self.root)
-        self.captures: dict[str, Capture] = {}  # by model name: the running or last one
-
-    def attach(self, model) -> None:
-        """Registry load hook: route the version's requests to its running capture."""
-        if self.root is None:
-            return
-
-        def observe(tensors: dict[str, np.ndarray], size: int) -> None:
-            capture = self.captures.get(model.name)
-            if capture is not None and capture.running and capture.version == str(model.version):
-                try:
-                    capture.offer(tensors, size)
-                except Exception as exc:  # capture must never fail a request
-                    log.exception("capture failed")
-                    capture.stop(f"capture failed: {type(exc).__name__}: {exc}")
-
-        model.observers.append(observe)
-        model.extensions["capture"] = _StopOnClose(self, model.name, str(model.version))
-
-    def enabled(self) -> Path:
-        if self.root is None:
-            raise NotFound("traffic capture is off: BNSERVE_CAPTURE_DIR is not set")
-        return self.root
-
-    def start(self, model, request: CaptureStartRequest) -> CaptureStatus:
-        root = self.enabled()
-        current = self.captures.get(model.name)
-        if current is not None and current.running:
-            raise BadRequest(
-                f"model '{model.name}' already has capture {current.capture_id} running; "
-                "expected a stop first"
-            )
-        bounds = {}
-        for key, limit in (("max_samples", self.max_samples), ("max_bytes", self.max_bytes)):
-            value = getattr(request, key)
-            if value is not None and value > limit:
-                raise BadRequest(
-                    f"{key} {value} is over the server's limit BNSERVE_CAPTURE_{key.upper()}="
-                    f"{limit}; expected at most {limit}"
-                )
-            bounds[key] = value or limit
-        folder_base = root / model.name / str(model.version)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        capture_id, n = stamp, 1
-        while (folder_base / capture_id).exists():
-            n += 1
-            capture_id = f"{stamp}-{n}"
-        try:
-            capture = Capture(model, folder_base / capture_id, capture_id, **bounds)
-        except OSError as exc:
-            raise BadRequest(
-                f"cannot create the capture folder in BNSERVE_CAPTURE_DIR: {exc}"
-            ) from None
-        self.captures[model.name] = capture
-        log.info(
-            "capture %s of %s v%s started in %s",
-            capture_id,
-            model.name,
-            model.version,
-            capture.folder,
-        )
-        return capture.status()
-
-    def last(self, name: str) -> Capture:
-        self.enabled()
-        capture = self.captures.get(name)
-        if capture is None:
-            raise NotFound(f"model '{name}' has no capture; expected a start first")
-        return capture
-
-    def stop(self, name: str) -> Capture:
-        """Stop it; its writer then writes the last shard and manifest (Capture.wait)."""
-        capture = self.last(name)
-        capture.stop("stopped through the API")
-        return capture
-
-    def close(self) -> None:
-        for capture in self.captures.values():
-            capture.stop("server shut down")
-            capture.wait(5.0)
-
-
-class _StopOnClose:
-    """Closed with its model version (unloaded or replaced): its capture stops."""
-
-    def __init__(self, service: CaptureService, name: str, version: str) -> None:
-        self.service, self.name, self.version = service, name, version
-
-    def close(self) -> None:
-        capture = self.service.captures.get(self.name)
-        if capture is not None and capture.version == self.version:
-            capture.stop("model version unloaded")
