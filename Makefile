@@ -50,7 +50,7 @@ test: $(STAMP) system-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# Benchmarks print tables (about 10 minutes in all; the first run exports the ResNet-18-sized
+# Benchmarks print tables (about 14 minutes in all; the first run exports the ResNet-18-sized
 # model into artifacts/bench and builds a separate venv for the KServe peer).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.overhead
@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.load
 	$(BIN)/python -m benchmarks.faults
 	$(BIN)/python -m benchmarks.perf_analyzer
+	$(BIN)/python -m benchmarks.drift_cost
 
 # On a machine with an NVIDIA GPU, from a fresh checkout (< 8 min; see README "GPU check").
 gpu-check:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 import uvloop
+from service.inference import INFERENCE_PATH
 
 from benchmarks.overhead import digits_repository
 from benchmarks.serving import json_body
 from service.app import create_app
 from service.config import Settings
-from service.inference import INFERENCE_PATH
 from service.logs import configure_logging, fd_sink, shutdown_logging
 from service.middleware import RequestContextMiddleware
 from service.protocol.codec import encode_response

@@ -22,13 +22,24 @@ from .dataplane.inference import InferenceService
 from .dataplane.plane import DataPlane
 from .drift.service import DriftService, attach_analyzer
 from .errors import ServiceError
+from .live_hooks import close_live, live_hooks
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .model import ServingOptions
 from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
-from .routers import drift, health, infer, metrics, models, repository, statistics
+from .routers import (
+    capture,
+    drift,
+    health,
+    infer,
+    live_drift,
+    metrics,
+    models,
+    repository,
+    statistics,
+)
 from .routers.responses import DESCRIPTIONS, ERROR_BODY
 from .runtime import SessionFactory
 
@@ -44,16 +55,19 @@ def build_services(settings: Settings) -> DataPlane:
         max_queue_size=settings.max_queue_size,
         workers=settings.inference_threads,
     )
+    on_load = [attach_analyzer(factory)] if settings.debug_endpoints else []
+    live_load, capture = live_hooks(settings, factory, metrics_)  # live drift + capture
+    on_load += live_load
     registry = ModelRegistry(
         ModelRepository(settings.repository),
         ServingOptions(factory, metrics_, batching),
         VersionPolicy(settings.version_policy),
-        on_load=[attach_analyzer(factory)] if settings.debug_endpoints else [],
+        on_load=on_load,
         on_state=metrics_.set_model_state,
     )
     inference = InferenceService(registry, settings, metrics_)
     drift = DriftService(registry, inference, settings) if settings.debug_endpoints else None
-    return DataPlane(settings, metrics_, registry, inference, drift)
+    return DataPlane(settings, metrics_, registry, inference, drift, capture=capture)
 
 
 def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastAPI:
@@ -86,6 +100,7 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await s.registry.close()
+            close_live(s)
 
     app = FastAPI(
         title="bnserve",
@@ -95,7 +110,17 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
         lifespan=lifespan,
     )
     app.state.services = s
-    for module in (health, statistics, models, infer, drift, repository, metrics):
+    for module in (
+        health,
+        statistics,
+        models,
+        infer,
+        drift,
+        live_drift,
+        repository,
+        capture,
+        metrics,
+    ):
         app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)

@@ -15,8 +15,10 @@ import time
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from .app import create_app
+from .capture import CaptureDirError
 from .config import Settings
 from .logs import configure_logging, shutdown_logging
 from .state import Services
@@ -80,9 +82,21 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse(argv)
+    try:
+        settings = parse(argv)
+    except ValidationError as exc:  # a bad BNSERVE_ value: one line naming it, not a traceback
+        problems = "; ".join(
+            f"BNSERVE_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in exc.errors()
+        )
+        print(f"bnserve: invalid setting {problems}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_format, settings.log_level, settings.log_queue_size)
-    app = create_app(settings, grpc=True)
+    try:
+        app = create_app(settings, grpc=True)
+    except CaptureDirError as exc:  # a capture folder that cannot be written
+        print(f"bnserve: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,

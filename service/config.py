@@ -46,6 +46,22 @@ class Settings(BaseSettings):
         0.25, gt=0, description="stat-drift: warn at this layer score (running std units)"
     )
     drift_alert: float = Field(0.5, gt=0, description="stat-drift: drift at this layer score")
+    # -- live drift monitoring and traffic capture (issue 10) --
+    drift_sample_rate: float = Field(
+        0.01, ge=0, le=1, description="live drift: share of requests sampled; 0 = off"
+    )
+    drift_max_samples_per_s: float = Field(
+        20.0, ge=0, description="live drift: cap on sampled samples per second; 0 = no cap"
+    )
+    drift_window: float = Field(60.0, gt=0, description="live drift: seconds per window")
+    drift_history: int = Field(30, ge=0, description="live drift: closed windows kept")
+    capture_dir: Path | None = Field(
+        None, description="traffic capture folder (stores request inputs); unset = off"
+    )
+    capture_max_samples: int = Field(10_000, ge=1, description="capture: default sample bound")
+    capture_max_bytes: int = Field(
+        1024**3, ge=1, description="capture: default bound on stored input bytes"
+    )
     drain_delay: float = Field(
         2.0, ge=0, description="SIGTERM: seconds not-ready but still serving before closing"
     )

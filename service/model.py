@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from .runtime import SessionFactory, provider_of
 
 if TYPE_CHECKING:
     from .drift.analysis import DriftAnalyzer
+    from .drift.monitor import LiveMonitor
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,16 @@ class LoadedModel:
         self._users = 0
         self._retired = False
         self._lock = threading.Lock()
-        # Typed extensions, set by registry load hooks (debug endpoints on).
-        self.drift: DriftAnalyzer | None = None
+        # Typed extensions, set by registry load hooks.
+        self.drift: DriftAnalyzer | None = None  # stat-drift (debug endpoints on)
         self.drift_error: str = ""  # why `drift` is None when stat-drift was asked for
+        self.monitor: LiveMonitor | None = None  # live drift over served traffic
+        self.monitor_error: str = ""  # why `monitor` is None while monitoring is on
+        # Called with each request's (tensors, batch size) before it is queued; they must not
+        # block or modify the tensors (live drift monitor, traffic capture).
+        self.observers: list[Callable[[dict[str, np.ndarray], int], None]] = []
+        # Called once when this version closes (unloaded or replaced), e.g. to stop its capture.
+        self.on_close: list[Callable[[], None]] = []
 
     def _check_signature(self) -> None:
         """model.json and model.onnx must agree, or requests would be checked against a lie."""
@@ -115,6 +124,8 @@ class LoadedModel:
         self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
     ) -> dict[str, np.ndarray]:
         """Through the model's bounded queue (and dynamic batching where configured)."""
+        for observe in self.observers:
+            observe(tensors, size)
         return await self.scheduler.submit(tensors, size, timing)
 
     @contextlib.contextmanager
@@ -143,3 +154,7 @@ class LoadedModel:
         self.executor.shutdown(wait=False)
         if self.drift is not None:
             self.drift.close()
+        if self.monitor is not None:
+            self.monitor.close()
+        for closer in self.on_close:
+            closer()

@@ -80,3 +80,62 @@ def test_drift_page_reports_errors_readably(browser, digits_server):
     browser.find_element(By.ID, "analyze").click()
     WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text.startswith("400: invalid request")
+
+
+@pytest.fixture
+def live_server(demo_repository):
+    """Every request monitored, 2-second windows: a few seconds give a history to plot."""
+    from service.launcher import ServiceProcess
+
+    env = {
+        "BNSERVE_DRIFT_SAMPLE_RATE": "1",
+        "BNSERVE_DRIFT_MAX_SAMPLES_PER_S": "0",
+        "BNSERVE_DRIFT_WINDOW": "2",
+        "BNSERVE_DRIFT_HISTORY": "20",
+    }
+    with ServiceProcess(demo_repository, env=env) as server:
+        yield server
+
+
+def test_live_view_plots_each_layer_over_the_windows_and_refreshes(
+    browser, live_server, demo_repository
+):
+    import threading
+
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    body = (demo_repository / "digits" / "1" / "samples" / "brightened.json").read_bytes()
+    stop = threading.Event()
+
+    def traffic():  # the shifted stream, a batch every 0.3 s
+        while not stop.wait(0.3):
+            httpx.post(f"{live_server.url}/v2/models/digits/infer", content=body)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        browser.get(f"{live_server.url}/v2/models/digits/stat-drift/view?refresh=1")
+        wait = WebDriverWait(browser, 40)
+        points = "#live-chart circle[data-layer='input_bn']"
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, points)) >= 3)
+        assert browser.find_element(By.ID, "live-verdict").text.lower() == "drift"
+        assert browser.find_element(By.ID, "live-error").text == ""
+        lines = browser.find_elements(By.CSS_SELECTOR, "#live-chart polyline.series")
+        layers = {line.get_attribute("data-layer") for line in lines}
+        assert "input_bn" in layers
+        assert len(layers) >= 3  # one line per layer
+        legend = browser.find_element(By.ID, "live-legend").text
+        assert "input_bn" in legend
+        # Refreshing by itself: more windows appear without a reload.
+        before = len(browser.find_elements(By.CSS_SELECTOR, points))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, points)) > before)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / "stat-drift-live.png"
+        browser.execute_script("document.getElementById('live').scrollIntoView()")
+        assert browser.save_screenshot(str(path))
+        assert path.stat().st_size > 10_000
+    finally:
+        stop.set()
+        sender.join(5)

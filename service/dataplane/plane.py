@@ -8,10 +8,15 @@ an HTTP status and a gRPC status code with the same message).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from .. import __version__
+from ..capture import CaptureService, CaptureStartRequest, CaptureStatus
 from ..config import Settings
+from ..drift.live_report import utc
+from ..drift.live_schemas import LiveDriftResponse, LiveResetResponse
+from ..drift.monitor import monitor_of
 from ..drift.schemas import StatDriftResponse
 from ..drift.service import DriftService
 from ..errors import NotFound, ServiceError, Unavailable
@@ -62,12 +67,15 @@ class DataPlane:
         registry: ModelRegistry,
         inference: InferenceService,
         drift: DriftService | None = None,
+        *,
+        capture: CaptureService | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.registry = registry
         self.inference = inference
         self.drift = drift  # when debug endpoints are on
+        self.capture = capture  # traffic capture (off unless BNSERVE_CAPTURE_DIR is set)
         self.observer = CallObserver(metrics, registry.knows)
         self.started = False  # first repository load finished
         self.draining = False  # shutting down: not ready, finishing what is in flight
@@ -195,6 +203,24 @@ class DataPlane:
             raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
         return await self.drift.analyze(request)
 
+    def live_drift(self, name: str, version: str | None, with_values: bool) -> LiveDriftResponse:
+        """Live stat-drift: pooled BN-input statistics of the version's sampled traffic."""
+        self._debug_on()
+        return monitor_of(self.registry.get(name, version)).report(with_values=with_values)
+
+    def live_drift_reset(self, name: str, version: str | None) -> LiveResetResponse:
+        """Close the version's current live window (it joins the history); start a new one."""
+        self._debug_on()
+        model = self.registry.get(name, version)
+        start = monitor_of(model).reset()
+        return LiveResetResponse(
+            model_name=model.name, model_version=str(model.version), window_start=utc(start)
+        )
+
+    def _debug_on(self) -> None:
+        if self.drift is None:
+            raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
+
     def statistics(
         self, name: str | None = None, version: str | None = None
     ) -> ModelStatisticsResponse:
@@ -234,6 +260,26 @@ class DataPlane:
 
     async def unload(self, name: str) -> None:
         await self.registry.unload(name)
+
+    # -- traffic capture (admin token) --------------------------------------------------------
+    def _captures(self) -> CaptureService:
+        if self.capture is None:
+            raise NotFound("traffic capture is off: BNSERVE_CAPTURE_DIR is not set")
+        self.capture.enabled()
+        return self.capture
+
+    def capture_start(self, name: str, request: CaptureStartRequest) -> CaptureStatus:
+        service = self._captures()
+        return service.start(self.registry.get(name, request.version), request)
+
+    async def capture_stop(self, name: str) -> CaptureStatus:
+        """Stop the model's capture; answers once its last shard is on disk (10 s at most)."""
+        capture = self._captures().stop(name)
+        await asyncio.to_thread(capture.wait, 10.0)
+        return capture.status()
+
+    def capture_status(self, name: str) -> CaptureStatus:
+        return self._captures().last(name).status()
 
 
 def max_batch_size(model: LoadedModel, max_request_bytes: int) -> int:
