@@ -30,6 +30,7 @@ import onnx
 from ..errors import BatchStatisticsError, UnsupportedGraphError
 from .affine_bn import rewrite_as_affine
 from .batchnorm import BatchNorm, read_batch_norm
+from .constant_subgraphs import ConstantFold, fold_constant_subgraphs
 from .constants import materialize_parameters
 from .conv_affine import AffineFold, fold_conv_affines
 from .graph import Graph
@@ -40,6 +41,7 @@ from .scaling import Affine
 __all__ = [
     "REMOVED_BY",
     "RULES",
+    "ConstantFold",
     "FoldResult",
     "FoldedLayer",
     "find_batch_norms",
@@ -72,6 +74,7 @@ class FoldResult:
     model: onnx.ModelProto
     layers: list[FoldedLayer] = field(default_factory=list)
     affine_folds: list[AffineFold] = field(default_factory=list)
+    constant_folds: list[ConstantFold] = field(default_factory=list)
 
 
 def find_batch_norms(graph: Graph) -> list[BatchNorm]:
@@ -108,6 +111,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> FoldResult:
     """A copy of `model` with every BatchNormalization folded away, and what was done to each."""
     graph = Graph(copy.deepcopy(model))
     result = FoldResult(model=graph.model)
+    result.constant_folds = fold_constant_subgraphs(graph)
     materialize_parameters(graph)
     batch_norms = find_batch_norms(graph)
     _materialize_parameters(graph, batch_norms)
