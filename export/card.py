@@ -53,10 +53,10 @@ class AffineFoldRecord(BaseModel):
 
 
 class ConstantFoldRecord(BaseModel):
-    tensor: str = Field(description="the initializer of model.onnx now holding the value")
+    tensor: str = Field(description="the tensor of reference.onnx, now an initializer")
     nodes: int = Field(description="how many nodes of reference.onnx computed it")
     op_types: list[str]
-    read_by: list[str] = Field(description="the model.onnx nodes that read it")
+    read_by: list[str] = Field(description="the reference.onnx nodes that read it")
 
 
 class Verification(BaseModel):

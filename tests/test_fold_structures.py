@@ -324,3 +324,48 @@ def test_repvgg_branch_read_elsewhere_is_refused():
     feeds = {"x": rand(2, 4, 5, 5)}
     for e, g in zip(run(m, feeds), run(result.model, feeds), strict=True):
         assert float(np.abs(e - g).max()) <= 1e-5 * float(np.abs(e).max())
+
+
+# -- rule 11: a served graph as lean as torch's optimize=True ----------------------------------
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's ShuffleNetV2 unit (stride 1): chunk, a branch, concat, channel shuffle."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x):
+        left, right = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((left, self.branch(right)), dim=1), 2)
+
+
+def torch_optimized_node_count(module: nn.Module, example: torch.Tensor) -> int:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        module, (example,), dynamo=True, optimize=True, dynamic_shapes=({0: batch},)
+    )
+    return len(program.model_proto.graph.node)
+
+
+def test_served_graph_is_as_lean_as_torch_optimize_and_records_name_its_nodes():
+    module = realistic(nn.Sequential(ShuffleBlock(8), ShuffleBlock(8), nn.Flatten()), 8, 5, 5)
+    reference, result = exported_and_folded(module, 8, 5, 5)
+    anchor = torch_optimized_node_count(module, torch.randn(2, 8, 5, 5))
+    assert len(result.model.graph.node) <= anchor < len(reference.graph.node)
+    assert not {"Identity", "Constant", "SequenceAt"} & set(op_types(result.model))
+    names = {n.name for n in result.model.graph.node}
+    assert {layer.target for layer in result.layers} <= names
+    assert_matches_float64(module, result.model, 8, 5, 5)

@@ -32,17 +32,17 @@ _FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
      onnx.TensorProto.BFLOAT16}
 )  # fmt: skip
-_SMALL = 1 << 16
+SMALL = 1 << 16
 
 
 @dataclass
 class ConstantFold:
-    """One tensor computed from constants, now an initializer of model.onnx."""
+    """One tensor of the input graph computed from constants, now stored as an initializer."""
 
-    tensor: str
+    tensor: str  # its name in the input graph (reference.onnx)
     nodes: int  # how many nodes computed it
     op_types: list[str]
-    read_by: list[str]
+    read_by: list[str]  # the input graph's nodes that read it
 
 
 def fold_constant_subgraphs(graph: Graph) -> list[ConstantFold]:
@@ -67,7 +67,7 @@ def fold_constant_subgraphs(graph: Graph) -> list[ConstantFold]:
         if value is None or dtype is None:
             continue
         largest = max((_size(graph, source) for source in evaluator.sources(name)), default=0)
-        if value.size > max(_SMALL, largest):
+        if value.size > max(SMALL, largest):
             continue
         native = value.astype(helper.tensor_dtype_to_np_dtype(dtype))
         new = graph.add_initializer(native, name)
@@ -80,7 +80,7 @@ def fold_constant_subgraphs(graph: Graph) -> list[ConstantFold]:
         if [n.op_type for n in ancestry] != ["Constant"]:
             folds.append(
                 ConstantFold(
-                    tensor=new,
+                    tensor=name,
                     nodes=len(ancestry),
                     op_types=sorted({n.op_type for n in ancestry}),
                     read_by=[r.name or r.output[0] for r in readers],
