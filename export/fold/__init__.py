@@ -36,7 +36,7 @@ from .conv_affine import AffineFold, fold_conv_affines
 from .graph import Graph
 from .lean import lean
 from .naming import layer_name, unique_names
-from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side
+from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side, producer_rule
 from .scaling import Affine
 
 __all__ = [
@@ -223,10 +223,9 @@ def _why_not_backward(graph: Graph, bn: BatchNorm) -> str:
     if blocker is not None:
         return blocker
     producer = graph.producer[bn.x]
-    return (
-        f"{producer.op_type} '{producer.name}' has no constant weight of a foldable shape "
-        "(or a layout its rule does not cover)"
-    )
+    rule = producer_rule(producer.op_type)
+    expected = rule.requires if rule else "a node a fold rule covers"
+    return f"{producer.op_type} '{producer.name}' cannot absorb it exactly; expected {expected}"
 
 
 def _producer_blocker(graph: Graph, bn: BatchNorm) -> str | None:
