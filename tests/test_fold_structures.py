@@ -4,7 +4,9 @@ torch.onnx: weight standardization (constant subgraphs, rule 0), BN after a Conc
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +130,27 @@ def test_weight_standardized_conv_is_constant_folded_and_its_bn_folds(conv):
     assert_matches_float64(module, result.model, 3, 9, 9)
 
 
+_LIBRARIES: list = []  # a torch.library.Library must stay alive for its definitions to hold
+
+
+def timm_module(name: str):
+    """A timm module, or a skip without timm. timm imports torchvision, which on a CPU torch
+    built without torchvision's operators needs their schemas declared first."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (make zoo-deps)")
+    if "torchvision" not in sys.modules:
+        try:
+            torch.ops.torchvision.nms  # noqa: B018
+        except (AttributeError, RuntimeError):
+            library = torch.library.Library("torchvision", "DEF")
+            for op in ("nms", "qnms"):
+                library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _LIBRARIES.append(library)
+    return importlib.import_module(name)
+
+
 def test_timm_std_conv_when_timm_is_installed():
-    layers = pytest.importorskip("timm.layers")
+    layers = timm_module("timm.layers")
     module = realistic(
         nn.Sequential(layers.StdConv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6),
                       layers.ScaledStdConv2d(6, 6, 3, padding=1)), 4, 7, 7
@@ -211,6 +232,15 @@ def test_bn_after_concat_of_convs_folds_slice_by_slice(depthwise):
     assert_matches_float64(module, result.model, 8, 10, 10)
 
 
+def test_timm_mixed_conv_when_timm_is_installed():
+    layers = timm_module("timm.layers")
+    conv = layers.MixedConv2d(12, 12, kernel_size=[3, 5, 7], padding="", depthwise=True)
+    module = realistic(nn.Sequential(conv, nn.BatchNorm2d(12), nn.ReLU()), 12, 9, 9)
+    _, result = exported_and_folded(module, 12, 9, 9)
+    assert [layer.method for layer in result.layers] == ["folded_into_concatenated_convs"]
+    assert_matches_float64(module, result.model, 12, 9, 9)
+
+
 def concat_graph(axis: int, extra_reader: bool = False, relu_input: bool = False):
     inits = [const("w1", rand(3, 2, 3, 3)), const("w2", rand(5, 2, 1, 1)), *bn_params("bn", 8)]
     nodes = [
@@ -286,6 +316,16 @@ def test_repvgg_block_becomes_one_conv(groups, order):
     conv = result.model.graph.node[0]
     assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}["group"] == groups
     assert_matches_float64(module, result.model, 8, 7, 7)
+
+
+def test_timm_repvgg_block_when_timm_is_installed():
+    byobnet = timm_module("timm.models.byobnet")
+    block = byobnet.RepVggBlock(8, 8, group_size=4)
+    module = realistic(nn.Sequential(block), 8, 6, 6)
+    _, result = exported_and_folded(module, 8, 6, 6)
+    assert "reparameterized_into_conv" in {layer.method for layer in result.layers}
+    assert op_types(result.model).count("Conv") == 1
+    assert_matches_float64(module, result.model, 8, 6, 6)
 
 
 def test_repvgg_with_a_broadcast_identity_is_refused():

@@ -34,7 +34,7 @@ from .constant_subgraphs import ConstantFold, fold_constant_subgraphs
 from .constants import materialize_parameters
 from .conv_affine import AffineFold, fold_conv_affines
 from .graph import Graph
-from .lean import lean
+from .lean import make_lean
 from .naming import layer_name, unique_names
 from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side, producer_rule
 from .scaling import Affine
@@ -134,7 +134,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> FoldResult:
     remaining = [n.name for n in graph.nodes("BatchNormalization")]
     if remaining:  # defensive: every branch above removes its node
         raise UnsupportedGraphError(f"BatchNormalization nodes left after folding: {remaining}")
-    result.model = lean(graph.model)
+    result.model = make_lean(graph.model)
     return result
 
 

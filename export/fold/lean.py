@@ -20,7 +20,7 @@ import onnxscript.optimizer
 from .constant_subgraphs import SMALL
 
 
-def lean(model: onnx.ModelProto) -> onnx.ModelProto:
+def make_lean(model: onnx.ModelProto) -> onnx.ModelProto:
     """An exact, leaner copy of `model` whose nodes keep their names where they survive."""
     names = {n.output[0]: (n.op_type, n.name) for n in model.graph.node if n.output and n.name}
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
