@@ -349,20 +349,45 @@ def test_repvgg_with_stride_2_is_refused():
     assert_matches_float64(module, result.model, 4, 1, 1)
 
 
-def test_repvgg_branch_read_elsewhere_is_refused():
-    inits = [const("w3", rand(4, 4, 3, 3)), const("w1", rand(4, 4, 1, 1)), *bn_params("bn", 4)]
+def repvgg_graph(conv3: dict, conv1: dict, w3_shape=(4, 4, 3, 3), w1_shape=(4, 4, 1, 1), **kw):
+    inits = [const("w3", rand(*w3_shape)), const("w1", rand(*w1_shape)), *bn_params("bn", 4)]
     nodes = [
-        helper.make_node("Conv", ["x", "w3"], ["c3"], name="c3", pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1"),
+        helper.make_node("Conv", ["x", "w3"], ["c3"], name="c3", **conv3),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", **conv1),
         bn_node("bn", "x", "i"),
         helper.make_node("Add", ["c3", "c1"], ["s"], name="s"),
-        helper.make_node("Add", ["s", "i"], ["y"], name="y"),
+        helper.make_node("Add", ["i", "s"], ["y"], name="y"),
     ]
-    m = model(nodes, inits, {"x": [None, 4, 5, 5]}, {"y": None, "c1": None})
-    result = fold_batch_norms(m)
-    assert result.layers[0].method == "rewritten_as_affine"
-    feeds = {"x": rand(2, 4, 5, 5)}
-    for e, g in zip(run(m, feeds), run(result.model, feeds), strict=True):
+    outputs = {"y": None, "c1": None} if kw.get("c1_is_output") else {"y": None}
+    return model(nodes, inits, {"x": [None, 4, 6, 6]}, outputs)
+
+
+PAD1 = {"pads": [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("graph", "method"),
+    [
+        (repvgg_graph(PAD1, {}), "reparameterized_into_conv"),
+        (repvgg_graph(PAD1, {}, c1_is_output=True), "rewritten_as_affine"),  # branch read twice
+        (  # one group count for all branches, or the kernels cannot merge
+            repvgg_graph({**PAD1, "group": 2}, {}, w3_shape=(4, 2, 3, 3)),
+            "rewritten_as_affine",
+        ),
+        (  # dilation 2 with pads 2 keeps the shape, but its taps are not a 3x3 kernel's
+            repvgg_graph({"pads": [2, 2, 2, 2], "dilations": [2, 2]}, {}),
+            "rewritten_as_affine",
+        ),
+        (repvgg_graph({"pads": [1, 1, 1, 1]}, {"pads": [0, 0, 0, 0], "strides": [1, 1]}), None),
+    ],
+)
+def test_repvgg_rule_on_onnx_graphs(graph, method):
+    result = fold_batch_norms(graph)
+    assert result.layers[0].method == (method or "reparameterized_into_conv")
+    if result.layers[0].method == "reparameterized_into_conv":
+        assert op_types(result.model) == ["Conv"]
+    feeds = {"x": rand(2, 4, 6, 6)}
+    for e, g in zip(run(graph, feeds), run(result.model, feeds), strict=True):
         assert float(np.abs(e - g).max()) <= 1e-5 * float(np.abs(e).max())
 
 
