@@ -14,7 +14,8 @@ after convolutions into them (conv_affine). Before any of that, 0. every subgrap
 constants alone is evaluated in float64 and stored once (constant_subgraphs), which turns
 weight standardization (a BatchNormalization over a constant weight) into a plain weight.
 Folded weights are new initializers (6) computed in float64 (7); BN nodes that normalize with
-batch statistics of the data stop the fold with a clear error (8).
+batch statistics of the data stop the fold with a clear error (8). Finally 11. the served graph
+loses the exporter's scaffolding with exact rewrites only (lean).
 
 Adding a rule is one new module holding its scaler (see scaling for the signature) plus one
 entry in rules.RULES; the model card's `removed_by` values derive from that table.
