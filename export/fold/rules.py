@@ -30,6 +30,8 @@ class Side(Enum):
 
 @dataclass(frozen=True)
 class FoldRule:
+    """One row of the table; its columns in the order the entries below give them."""
+
     op_type: str
     side: Side
     scale: Scaler
@@ -43,11 +45,12 @@ _WEIGHT = "a constant weight (and bias) of the shapes ONNX specifies"
 
 RULES: tuple[FoldRule, ...] = (
     FoldRule(
-        "Conv", Side.PRODUCER, scale_conv_output, (1, 2), "folded_into_conv", _WEIGHT, True
+        "Conv", Side.PRODUCER, scale_conv_output, (1, 2), "folded_into_conv", _WEIGHT,
+        constant_affines=True,
     ),
     FoldRule(
         "ConvTranspose", Side.PRODUCER, scale_conv_transpose_output, (1, 2),
-        "folded_into_conv_transpose", _WEIGHT, True,
+        "folded_into_conv_transpose", _WEIGHT, constant_affines=True,
     ),
     FoldRule("Gemm", Side.PRODUCER, scale_gemm_output, (1, 2), "folded_into_gemm", _WEIGHT),
     FoldRule(
