@@ -5,6 +5,7 @@ torch.onnx: weight standardization (constant subgraphs, rule 0), BN after a Conc
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from onnx import helper
 from onnx_builders import bn_node, bn_params, const, model, op_types, rand, run
 from torch import nn
 
+import export
 from export.card import BatchNormLayer
 from export.errors import BatchStatisticsError
 from export.fold import REMOVED_BY, RULES, fold_batch_norms
@@ -434,3 +436,23 @@ def test_served_graph_is_as_lean_as_torch_optimize_and_records_name_its_nodes():
     names = {n.name for n in result.model.graph.node}
     assert {layer.target for layer in result.layers} <= names
     assert_matches_float64(module, result.model, 8, 5, 5)
+
+
+def test_exported_card_records_the_constant_folds_and_the_rules(tmp_path):
+    """End to end: a weight-standardized conv, a MixNet conv and a RepVGG block in one model;
+    the card names each rule and the standardized weight, and the export's own checks pass."""
+    module = realistic(
+        nn.Sequential(StdConv2d(3, 8, 3, padding=1), MixedConv(splits=(4, 4), kernels=(3, 5),
+                      out=(4, 4)), RepVggBlock(8, 8)), 3, 8, 8
+    )  # fmt: skip
+    report = export.export_model(module, torch.randn(2, 3, 8, 8), repository=tmp_path, name="m")
+    methods = {layer.name: layer.removed_by for layer in report.batch_norm}
+    assert methods["1.bn"] == "folded_into_concatenated_convs"
+    assert methods["2.identity"] == "reparameterized_into_conv"
+    card = json.loads((Path(report.path) / "model.json").read_text())
+    (standardized,) = [c for c in card["constant_folds"] if "BatchNormalization" in c["op_types"]]
+    assert standardized["read_by"]
+    assert report.verification.batch_norm_nodes_left == 0
+    folded = onnx.load(Path(report.path) / "model.onnx")
+    assert op_types(folded).count("Conv") == 4  # std conv, two mixed convs, one RepVGG conv
+    assert {layer.folded_into for layer in report.batch_norm} <= {n.name for n in folded.graph.node}

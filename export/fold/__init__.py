@@ -181,7 +181,17 @@ def _apply_rules(
                 left.remove(bn)
                 graph.reindex()
                 progress = True
+                _retarget(graph, records.values(), applied[0].name)
     return left
+
+
+def _retarget(graph: Graph, records, merged_into: str) -> None:
+    """A rule that merges nodes (RepVGG's branch convs) removes earlier folds' targets: those
+    folds now live in the node it merged them into."""
+    live = {n.name for n in graph.graph.node}
+    for record in records:
+        if record.target is not None and record.target not in live:
+            record.target = merged_into
 
 
 def _apply(graph: Graph, rule: FoldRule, bn: BatchNorm) -> tuple[onnx.NodeProto, str | None] | None:
