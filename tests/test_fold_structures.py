@@ -438,6 +438,18 @@ def test_served_graph_is_as_lean_as_torch_optimize_and_records_name_its_nodes():
     assert_matches_float64(module, result.model, 8, 5, 5)
 
 
+def test_lean_rewrites_change_no_output_bit(monkeypatch):
+    module = realistic(nn.Sequential(ShuffleBlock(8), RepVggBlock(8, 8)), 8, 5, 5)
+    reference = to_onnx(module, (torch.randn(2, 8, 5, 5),), ["x"], ["y"])
+    lean = fold_batch_norms(reference).model
+    monkeypatch.setattr(export.fold, "make_lean", lambda m: m)
+    unsimplified = fold_batch_norms(reference).model
+    assert len(lean.graph.node) < len(unsimplified.graph.node)
+    feeds = {"x": rand(3, 8, 5, 5)}
+    for before, after in zip(run(unsimplified, feeds), run(lean, feeds), strict=True):
+        assert before.tobytes() == after.tobytes()
+
+
 def test_exported_card_records_the_constant_folds_and_the_rules(tmp_path):
     """End to end: a weight-standardized conv, a MixNet conv and a RepVGG block in one model;
     the card names each rule and the standardized weight, and the export's own checks pass."""
