@@ -12,7 +12,14 @@ import numpy as np
 import onnx
 import orjson
 
-from .card import AffineFoldRecord, BatchNormLayer, ExportReport, ModelCard, Recalibration
+from .card import (
+    AffineFoldRecord,
+    BatchNormLayer,
+    ConstantFoldRecord,
+    ExportReport,
+    ModelCard,
+    Recalibration,
+)
 from .errors import InvalidInputError
 from .fold import FoldedLayer, fold_batch_norms
 from .onnx_io import tensor_specs
@@ -109,6 +116,7 @@ def publish(
             outputs=outputs_spec,
             batch_norm=layers,
             affine_folds=[AffineFoldRecord(**vars(f)) for f in folded.affine_folds],
+            constant_folds=[ConstantFoldRecord(**vars(f)) for f in folded.constant_folds],
             verification=verification,
             files={k: file_record(v) for k, v in files.items() if not k.startswith("samples/")},
             samples=sorted(k for k in files if k.startswith("samples/")),
