@@ -21,6 +21,11 @@ log = logging.getLogger("bnserve.runtime")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
+# ONNX Runtime rewrites that change results. Pad_Fusion folds a zero Pad into the following
+# MaxPool's own padding, which pads with -inf, not 0 (onnxruntime 1.31; timm's ResNetV2-BiT stem
+# has this Pad -> MaxPool): outputs differ wherever a window sees only padding and negatives.
+INEXACT_OPTIMIZERS = ("Pad_Fusion",)
+
 
 def physical_cores() -> int:
     try:
@@ -68,7 +73,12 @@ class SessionFactory:
 
     def create(self, model: Path | bytes) -> ort.InferenceSession:
         source = str(model) if isinstance(model, Path) else model
-        session = ort.InferenceSession(source, self.options(), providers=self.provider_chain())
+        session = ort.InferenceSession(
+            source,
+            self.options(),
+            providers=self.provider_chain(),
+            disabled_optimizers=list(INEXACT_OPTIMIZERS),
+        )
         actual = session.get_providers()[0]
         if self.providers == "cuda" and actual != CUDA:
             raise RuntimeError(
