@@ -741,6 +741,7 @@ CARD_KEYS = {
     "files",
     "samples",
     "serving",
+    "recalibration",
 }
 LAYER_KEYS = {
     "name",
