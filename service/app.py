@@ -43,6 +43,7 @@ def build_services(settings: Settings) -> DataPlane:
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,
         workers=settings.inference_threads,
+        inline_run_us=settings.inline_run_us,
     )
     registry = ModelRegistry(
         ModelRepository(settings.repository),

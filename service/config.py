@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         1, ge=1, description="batches each model version runs at once, each on its own thread"
     )
+    inline_run_us: int = Field(
+        100,
+        ge=0,
+        description="models whose session.run takes less than this per sample (measured) run "
+        "on the event loop when nothing is queued, skipping the thread hop; 0 = never",
+    )
     version_policy: str = Field(
         "latest", description="latest | all | specific:1,3 — which versions each model serves"
     )
