@@ -57,9 +57,12 @@ def build_services(settings: Settings) -> DataPlane:
     return DataPlane(settings, metrics_, registry, inference, drift)
 
 
-def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, grpc: bool = False, fast_infer: bool = True
+) -> FastAPI:
     """The REST app; with grpc=True its lifespan also runs the gRPC server on
-    settings.grpc_port (python -m service does; in-process test clients do not)."""
+    settings.grpc_port (python -m service does; in-process test clients do not). fast_infer
+    False sends infer requests through FastAPI's routes (tests compare the two)."""
     settings = settings or Settings()
     s = build_services(settings)
 
@@ -105,6 +108,8 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
         max_body=settings.max_request_bytes,
         observer=s.observer,
         refusal=s.refusal,
+        infer=infer.InferRoute(s) if fast_infer else None,
+        infer_templates=infer.InferRoute.templates,
     )
     return app
 
