@@ -4,8 +4,9 @@ no client): the ASGI app driven directly on uvloop, then its parts on their own.
     python -m benchmarks.stages [--repository artifacts/overhead] [--count 3000]
 
 Each line is the median over blocks of `count` calls; differences between lines are the cost of
-a layer (e.g. full app minus decode + DataPlane.infer = routing, dependency injection, Request and
-Response objects, the middleware). The socket and HTTP parsing cost is the floor that
+a layer (full app minus decode + DataPlane.infer = the middleware and the REST endpoint; the
+app with infer through FastAPI's routing shows what routing, dependency injection and
+Request/Response objects would add). The socket and HTTP parsing cost is the floor that
 benchmarks.overhead measures against.
 """
 
@@ -86,10 +87,12 @@ async def measure(stages: dict[str, Callable[[], Awaitable]], count: int, rounds
 async def run(repository: Path, count: int, rounds: int) -> None:
     # Access logs on, as in a served process, written to /dev/null by the background writer.
     configure_logging("json", "info", sink=fd_sink(os.open(os.devnull, os.O_WRONLY)))
-    app = create_app(Settings(repository=repository, poll_interval=0))
-    async with app.router.lifespan_context(app):
+    settings = Settings(repository=repository, poll_interval=0)
+    app = create_app(settings)
+    routed = create_app(settings, fast_infer=False)  # infer through FastAPI's routing
+    async with app.router.lifespan_context(app), routed.router.lifespan_context(routed):
         s = app.state.services
-        while not s.ready:
+        while not (s.ready and routed.state.services.ready):
             await asyncio.sleep(0.05)
         sample = next((repository / "digits" / "1" / "samples").glob("*.json"))
         tensor = orjson.loads(sample.read_bytes())["inputs"][0]
@@ -128,7 +131,8 @@ async def run(repository: Path, count: int, rounds: int) -> None:
         )  # fmt: skip
         path = "/v2/models/digits/infer"
         stages = {
-            "full app (middleware + FastAPI + infer)": asgi_call(app, path, body, headers),
+            "full app (middleware + InferRoute)": asgi_call(app, path, body, headers),
+            "full app, infer via FastAPI routing": asgi_call(routed, path, body, headers),
             "middleware alone (around a bare app)": asgi_call(middleware_only, path, body, headers),
             "decode_request + DataPlane.infer": infer,
             "  decode_request (parse JSON)": decode,
@@ -146,8 +150,7 @@ async def run(repository: Path, count: int, rounds: int) -> None:
     for stage, seconds in medians.items():
         print(f"{stage:<44} | {seconds * 1e6:12.1f}")
     framework = (
-        medians["full app (middleware + FastAPI + infer)"]
-        - medians["decode_request + DataPlane.infer"]
+        medians["full app (middleware + InferRoute)"] - medians["decode_request + DataPlane.infer"]
     )
     print(f"{'= framework: full app - infer':<44} | {framework * 1e6:12.1f}")
     hop = (
