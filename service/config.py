@@ -22,7 +22,11 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA EP when it really runs, else CPU EP"
     )
     device_id: int = Field(0, ge=0, description="CUDA device for the CUDA EP")
-    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 = physical cores")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ORT intra-op threads; 0 = one for models up to 1 MiB, else physical cores",
+    )
     inference_threads: int = Field(
         1, ge=1, description="batches each model version runs at once, each on its own thread"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from .statistics import RunTiming
 from .types import InferRequest, InferResponse, OutputTensor, ValidatedRequest
 from .validation import validate
 
+# Offered every successful run, on the event loop: the model version, the validated request
+# (its arrays as they went into session.run) and the outputs by name. Must return quickly
+# (hand heavy work to a thread or queue) and must not mutate the arrays.
+RunMonitor = Callable[[LoadedModel, ValidatedRequest, dict[str, np.ndarray]], None]
+
 
 class InferenceService:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
@@ -31,6 +37,7 @@ class InferenceService:
         self.in_flight = 0
         # Each element takes at least one byte of body, binary or JSON.
         self.max_elements = settings.max_request_bytes
+        self.monitors: list[RunMonitor] = []  # hook point: see RunMonitor
 
     def validate(self, model: LoadedModel, request: InferRequest) -> ValidatedRequest:
         return validate(
@@ -51,6 +58,8 @@ class InferenceService:
                 timing = RunTiming()
                 results = await self.run(model, checked.tensors, checked.batch_size, timing)
                 finishing = time.perf_counter()
+                for monitor in self.monitors:  # the one place a run's inputs are offered
+                    monitor(model, checked, results)
                 outputs = [
                     OutputTensor(
                         spec.name,
