@@ -127,11 +127,14 @@ class BatchScheduler:
         per_sample = self.run_seconds_per_sample
         return per_sample is not None and per_sample * size * 1e6 < self.config.inline_run_us
 
-    def _timed_run(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """session.run and its own duration (no hop, no queue), on whichever thread runs it."""
+    def _timed_run(
+        self, tensors: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float, float]:
+        """session.run, when it started and its own duration (no hop, no queue), on whichever
+        thread runs it."""
         started = time.perf_counter()
         outputs = self.run(tensors)
-        return outputs, time.perf_counter() - started
+        return outputs, started, time.perf_counter() - started
 
     def _measured(self, run_seconds: float, samples: int) -> None:
         per_sample = run_seconds / max(samples, 1)
@@ -151,25 +154,35 @@ class BatchScheduler:
         model is tiny, else on the model's thread. A timeout abandons the wait, not the run:
         the slot stays taken until the thread is done."""
         started = time.perf_counter()
-        self.metrics.queue_time.labels(self.name).observe(0.0)
         self._busy += 1
         if self.inline(size):
             try:
-                outputs, seconds = self._timed_run(tensors)
+                outputs, run_started, seconds = self._timed_run(tensors)
             finally:
                 self._release()
-            self._ran(started, seconds, size, timing)
+            self._ran_direct(started, run_started, seconds, size, timing)
             return outputs
         future = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, tensors)
 
-        def done(future: asyncio.Future) -> None:
+        def done(future: asyncio.Future) -> None:  # runs before the awaiting request resumes
             self._release()
             if not future.cancelled() and future.exception() is None:
-                self._ran(started, future.result()[1], size, timing)
+                _, run_started, seconds = future.result()
+                self._ran_direct(started, run_started, seconds, size, timing)
 
         future.add_done_callback(done)
-        outputs, _ = await asyncio.shield(future)
+        outputs, _, _ = await asyncio.shield(future)
         return outputs
+
+    def _ran_direct(
+        self, started: float, run_started: float, seconds: float, size: int, timing
+    ) -> None:
+        """A direct run's queue time is the wait for its thread (or ~1 µs on the loop)."""
+        queued = run_started - started
+        self.metrics.queue_time.labels(self.name).observe(queued)
+        if timing is not None:
+            timing.queue = queued
+        self._ran(run_started, seconds, size, timing)
 
     def _ran(self, started: float, run_seconds: float, samples: int, timing) -> float:
         """Bookkeeping after one successful run of `samples` samples (on the loop); returns
@@ -263,7 +276,7 @@ class BatchScheduler:
             tensors = {k: np.concatenate([p.tensors[k] for p in batch]) for k in batch[0].tensors}
         loop = asyncio.get_running_loop()
         try:
-            outputs, run_seconds = await loop.run_in_executor(
+            outputs, _, run_seconds = await loop.run_in_executor(
                 self.executor, self._timed_run, tensors
             )
         except Exception as exc:  # a failed run fails its requests, not the worker
