@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -33,6 +35,21 @@ from .routers.responses import DESCRIPTIONS, ERROR_BODY
 from .runtime import SessionFactory
 
 log = logging.getLogger("bnserve.app")
+
+
+class BnserveApp(FastAPI):
+    """FastAPI behind the request middleware: every HTTP request meets the middleware first
+    (request id, body limit, early refusal, metrics, access log, and the infer endpoint), and
+    only the rest go on through FastAPI's own stack (its per-request telemetry check, error
+    and exception middleware, routing), which alone costs more than a small model's run."""
+
+    front: Callable[[dict, Callable, Callable], Awaitable[None]]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self.front(scope, receive, send)
+        else:  # lifespan
+            await super().__call__(scope, receive, send)
 
 
 def build_services(settings: Settings) -> DataPlane:
@@ -91,7 +108,7 @@ def create_app(
                         await task
             await s.registry.close()
 
-    app = FastAPI(
+    app = BnserveApp(
         title="bnserve",
         version=__version__,
         description="KServe v2 inference over ONNX Runtime for models whose BatchNorm layers "
@@ -103,8 +120,8 @@ def create_app(
         app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)
-    app.add_middleware(
-        RequestContextMiddleware,
+    app.front = RequestContextMiddleware(
+        functools.partial(FastAPI.__call__, app),
         max_body=settings.max_request_bytes,
         observer=s.observer,
         refusal=s.refusal,
