@@ -111,7 +111,7 @@ class BatchScheduler:
         rejection = self.full()
         if rejection is not None:
             raise rejection
-        if not self.config.enabled and not self.queue and self._busy < self._slots:
+        if self.direct():
             return await self._direct(tensors, size, timing)
         loop = asyncio.get_running_loop()
         if self._worker is None:
@@ -121,6 +121,11 @@ class BatchScheduler:
         self.queue.append(pending)
         self._arrival.set()
         return await pending.future  # cancelled by a timeout: the worker skips it
+
+    def direct(self) -> bool:
+        """Whether a request submitted now runs at once (batching off, nothing queued, a
+        slot free)."""
+        return not self.config.enabled and not self.queue and self._busy < self._slots
 
     def inline(self, size: int) -> bool:
         """Whether a direct run of `size` samples is cheap enough to do on the event loop."""
