@@ -4,8 +4,9 @@ no client): the ASGI app driven directly on uvloop, then its parts on their own.
     python -m benchmarks.stages [--repository artifacts/overhead] [--count 3000]
 
 Each line is the median over blocks of `count` calls; differences between lines are the cost of
-a layer (e.g. full app minus InferenceService.infer = routing, dependency injection, Request and
-Response objects, the middleware). The socket and HTTP parsing cost is the floor that
+a layer (full app minus decode + DataPlane.infer = the middleware and the REST endpoint; the
+app with infer through FastAPI's routing shows what routing, dependency injection and
+Request/Response objects would add). The socket and HTTP parsing cost is the floor that
 benchmarks.overhead measures against.
 """
 
@@ -22,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import uvloop
-from service.inference import INFERENCE_PATH
 
 from benchmarks.overhead import digits_repository
 from benchmarks.serving import json_body
@@ -30,7 +30,7 @@ from service.app import create_app
 from service.config import Settings
 from service.logs import configure_logging, fd_sink, shutdown_logging
 from service.middleware import RequestContextMiddleware
-from service.protocol.codec import encode_response
+from service.protocol.codec import decode_request, encode_response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,75 +87,56 @@ async def measure(stages: dict[str, Callable[[], Awaitable]], count: int, rounds
 async def run(repository: Path, count: int, rounds: int) -> None:
     # Access logs on, as in a served process, written to /dev/null by the background writer.
     configure_logging("json", "info", sink=fd_sink(os.open(os.devnull, os.O_WRONLY)))
-    app = create_app(Settings(repository=repository, poll_interval=0))
-    async with app.router.lifespan_context(app):
+    settings = Settings(repository=repository, poll_interval=0)
+    app = create_app(settings)
+    routed = create_app(settings, fast_infer=False)  # infer through FastAPI's routing
+    async with app.router.lifespan_context(app), routed.router.lifespan_context(routed):
         s = app.state.services
-        while not s.ready:
+        while not (s.ready and routed.state.services.ready):
             await asyncio.sleep(0.05)
         sample = next((repository / "digits" / "1" / "samples").glob("*.json"))
         tensor = orjson.loads(sample.read_bytes())["inputs"][0]
         digit = np.array(tensor["data"][:64], np.float32).reshape(1, 1, 8, 8)
         body, headers = json_body(digit, "images")
         model = s.registry.get("digits", None)
-        decoded = s.inference.decode(model, body, None)
-        results = await model.run(decoded.tensors, 1)
-
-        async def infer():
-            await s.inference.infer("digits", None, body, None)
-
-        async def decode():
-            s.inference.decode(model, body, None)
-
-        async def model_run():
-            await model.run(decoded.tensors, 1)
-
-        async def encode():
-            encode_response(
-                model_name="digits", model_version="1", request_id=None, results=results,
-                requested=decoded.outputs, labels=model.labels,
-            )  # fmt: skip
-
-        async def run_sync():
-            model.run_sync(decoded.tensors)
-
+        request = decode_request("digits", None, body, None)
+        checked = s.inference.validate(model, request)
+        response = await s.infer(request)
         loop = asyncio.get_running_loop()
 
+        async def infer():
+            await s.infer(decode_request("digits", None, body, None))
+
+        async def decode():
+            decode_request("digits", None, body, None)
+
+        async def validate():
+            s.inference.validate(model, request)
+
+        async def model_run():
+            await model.run(checked.tensors, 1)
+
+        async def run_sync():
+            model.run_sync(checked.tensors)
+
         async def hop():
-            await loop.run_in_executor(model.executor, model.run_sync, decoded.tensors)
+            await loop.run_in_executor(model.executor, model.run_sync, checked.tensors)
 
-        async def lean_route(scope, receive, send) -> None:
-            """What a pure-ASGI /infer route in front of FastAPI would cost: the same
-            InferenceService call, without routing, dependency injection, Request/Response."""
-            match = INFERENCE_PATH.match(scope["path"])
-            message = await receive()
-            header_length = None
-            for key, value in scope["headers"]:
-                if key == b"inference-header-content-length":
-                    header_length = value.decode()
-            content, extra = await s.inference.infer(
-                match["model"], match["version"], message["body"], header_length
-            )
-            headers = [(b"content-length", str(len(content)).encode())]
-            headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": content})
-
-        lean = RequestContextMiddleware(
-            lean_route, max_body=s.settings.max_request_bytes, metrics=s.metrics,
-            known_model=s.registry.knows, shed=s.inference.shed,
-        )  # fmt: skip
+        async def encode():
+            encode_response(response)
 
         middleware_only = RequestContextMiddleware(
-            bare_app, max_body=s.settings.max_request_bytes, metrics=s.metrics,
-            known_model=s.registry.knows, shed=s.inference.shed,
+            bare_app, max_body=s.settings.max_request_bytes, observer=s.observer,
+            refusal=s.refusal,
         )  # fmt: skip
         path = "/v2/models/digits/infer"
         stages = {
-            "full app (middleware + FastAPI + infer)": asgi_call(app, path, body, headers),
+            "full app (middleware + InferRoute)": asgi_call(app, path, body, headers),
+            "full app, infer via FastAPI routing": asgi_call(routed, path, body, headers),
             "middleware alone (around a bare app)": asgi_call(middleware_only, path, body, headers),
-            "middleware + pure-ASGI infer route": asgi_call(lean, path, body, headers),
-            "InferenceService.infer": infer,
-            "  decode (parse + validate JSON)": decode,
+            "decode_request + DataPlane.infer": infer,
+            "  decode_request (parse JSON)": decode,
+            "  validate (against the model)": validate,
             "  model.run (queue + thread hop + ORT)": model_run,
             "  model.run_sync (ORT in this thread)": run_sync,
             "  run_in_executor(run_sync) (hop, no queue)": hop,
@@ -169,7 +150,7 @@ async def run(repository: Path, count: int, rounds: int) -> None:
     for stage, seconds in medians.items():
         print(f"{stage:<44} | {seconds * 1e6:12.1f}")
     framework = (
-        medians["full app (middleware + FastAPI + infer)"] - medians["InferenceService.infer"]
+        medians["full app (middleware + InferRoute)"] - medians["decode_request + DataPlane.infer"]
     )
     print(f"{'= framework: full app - infer':<44} | {framework * 1e6:12.1f}")
     hop = (

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -46,6 +48,21 @@ from .runtime import SessionFactory
 log = logging.getLogger("bnserve.app")
 
 
+class BnserveApp(FastAPI):
+    """FastAPI behind the request middleware: every HTTP request meets the middleware first
+    (request id, body limit, early refusal, metrics, access log, and the infer endpoint), and
+    only the rest go on through FastAPI's own stack (its per-request telemetry check, error
+    and exception middleware, routing), which alone costs more than a small model's run."""
+
+    front: Callable[[dict, Callable, Callable], Awaitable[None]]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self.front(scope, receive, send)
+        else:  # lifespan
+            await super().__call__(scope, receive, send)
+
+
 def build_services(settings: Settings) -> DataPlane:
     metrics_ = Metrics()
     factory = SessionFactory(settings.providers, settings.device_id, settings.intra_op_threads)
@@ -54,6 +71,7 @@ def build_services(settings: Settings) -> DataPlane:
         max_queue_delay_us=settings.max_queue_delay_us,
         max_queue_size=settings.max_queue_size,
         workers=settings.inference_threads,
+        inline_run_us=settings.inline_run_us,
     )
     on_load = [attach_analyzer(factory)] if settings.debug_endpoints else []
     live_load, capture = live_hooks(settings, factory, metrics_)  # live drift + capture
@@ -70,9 +88,12 @@ def build_services(settings: Settings) -> DataPlane:
     return DataPlane(settings, metrics_, registry, inference, drift, capture=capture)
 
 
-def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, grpc: bool = False, fast_infer: bool = True
+) -> FastAPI:
     """The REST app; with grpc=True its lifespan also runs the gRPC server on
-    settings.grpc_port (python -m service does; in-process test clients do not)."""
+    settings.grpc_port (python -m service does; in-process test clients do not). fast_infer
+    False sends infer requests through FastAPI's routes (tests compare the two)."""
     settings = settings or Settings()
     s = build_services(settings)
 
@@ -102,7 +123,7 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
             await s.registry.close()
             close_live(s)
 
-    app = FastAPI(
+    app = BnserveApp(
         title="bnserve",
         version=__version__,
         description="KServe v2 inference over ONNX Runtime for models whose BatchNorm layers "
@@ -124,11 +145,13 @@ def create_app(settings: Settings | None = None, *, grpc: bool = False) -> FastA
         app.include_router(module.router)
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)
-    app.add_middleware(
-        RequestContextMiddleware,
+    app.front = RequestContextMiddleware(
+        functools.partial(FastAPI.__call__, app),
         max_body=settings.max_request_bytes,
         observer=s.observer,
         refusal=s.refusal,
+        infer=infer.InferRoute(s) if fast_infer else None,
+        infer_templates=infer.InferRoute.templates,
     )
     return app
 

@@ -7,6 +7,12 @@ batch size or max_batch_size is reached), concatenates them along the batch axis
 session.run off the event loop, and splits the outputs back. Only requests whose per-sample
 shapes agree are batched together. With max_batch_size <= 1 each request runs alone.
 
+The direct path: with batching off, an empty queue and a free slot there is nothing to wait
+for or to batch with, so a request runs at once, without the queue and the worker task (same
+checks, same statistics). A model whose session.run is measured to take less than
+`inline_run_us` per sample (an average of its own run times, not counting the thread hop) runs
+on the event loop itself: handing ~50 µs of work to a thread costs several times that.
+
 Batching preserves deterministic eval mode: ONNX Runtime computes each sample's rows the same
 way whatever else is in the batch (tests check bitwise equality), and every sample's output
 depends only on that sample.
@@ -34,6 +40,7 @@ class BatchingConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256  # requests waiting
     workers: int = 1  # batches run at once (each on its own executor thread)
+    inline_run_us: int = 100  # direct runs faster than this per sample stay on the loop; 0 = off
 
     @property
     def enabled(self) -> bool:
@@ -76,10 +83,15 @@ class BatchScheduler:
         self.config = config
         self.metrics = metrics
         self.queue: deque[_Pending] = deque()
-        self._arrival: asyncio.Event | None = None
+        self._arrival = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._busy = 0  # batches running now (worker tasks, direct runs)
+        self._slots = max(config.workers, 1)
         self._recent_batch_seconds = 0.05
+        # Average seconds of session.run per sample, measured around the call itself.
+        self.run_seconds_per_sample: float | None = None
 
     def full(self) -> Unavailable | None:
         """The 503 to answer when the queue is full (counted as a rejection), else None."""
@@ -99,9 +111,10 @@ class BatchScheduler:
         rejection = self.full()
         if rejection is not None:
             raise rejection
+        if self.direct():
+            return await self._direct(tensors, size, timing)
         loop = asyncio.get_running_loop()
         if self._worker is None:
-            self._arrival = asyncio.Event()
             self._worker = loop.create_task(self._work(), name=f"batcher-{self.name}")
         signature = tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(tensors.items()))
         pending = _Pending(tensors, size, signature, loop.create_future(), timing)
@@ -109,22 +122,102 @@ class BatchScheduler:
         self._arrival.set()
         return await pending.future  # cancelled by a timeout: the worker skips it
 
-    async def _work(self) -> None:
-        slots = asyncio.Semaphore(max(self.config.workers, 1))
+    def direct(self) -> bool:
+        """Whether a request submitted now runs at once (batching off, nothing queued, a
+        slot free)."""
+        return not self.config.enabled and not self.queue and self._busy < self._slots
 
+    def inline(self, size: int) -> bool:
+        """Whether a direct run of `size` samples is cheap enough to do on the event loop."""
+        per_sample = self.run_seconds_per_sample
+        return per_sample is not None and per_sample * size * 1e6 < self.config.inline_run_us
+
+    def _timed_run(
+        self, tensors: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float, float]:
+        """session.run, when it started and its own duration (no hop, no queue), on whichever
+        thread runs it."""
+        started = time.perf_counter()
+        outputs = self.run(tensors)
+        return outputs, started, time.perf_counter() - started
+
+    def _measured(self, run_seconds: float, samples: int) -> None:
+        per_sample = run_seconds / max(samples, 1)
+        previous = self.run_seconds_per_sample
+        self.run_seconds_per_sample = (
+            per_sample if previous is None else 0.8 * previous + 0.2 * per_sample
+        )
+
+    def _release(self) -> None:
+        self._busy -= 1
+        self._slot_freed.set()
+
+    async def _direct(
+        self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None
+    ) -> dict[str, np.ndarray]:
+        """Run one request now (batching off, queue empty, slot free): on the loop when the
+        model is tiny, else on the model's thread. A timeout abandons the wait, not the run:
+        the slot stays taken until the thread is done."""
+        started = time.perf_counter()
+        self._busy += 1
+        if self.inline(size):
+            try:
+                outputs, run_started, seconds = self._timed_run(tensors)
+            finally:
+                self._release()
+            self._ran_direct(started, run_started, seconds, size, timing)
+            return outputs
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, tensors)
+
+        def done(future: asyncio.Future) -> None:  # runs before the awaiting request resumes
+            self._release()
+            if not future.cancelled() and future.exception() is None:
+                _, run_started, seconds = future.result()
+                self._ran_direct(started, run_started, seconds, size, timing)
+
+        future.add_done_callback(done)
+        outputs, _, _ = await asyncio.shield(future)
+        return outputs
+
+    def _ran_direct(
+        self, started: float, run_started: float, seconds: float, size: int, timing
+    ) -> None:
+        """A direct run's queue time is the wait for its thread (or ~1 µs on the loop)."""
+        queued = run_started - started
+        self.metrics.queue_time.labels(self.name).observe(queued)
+        if timing is not None:
+            timing.queue = queued
+        self._ran(run_started, seconds, size, timing)
+
+    def _ran(self, started: float, run_seconds: float, samples: int, timing) -> float:
+        """Bookkeeping after one successful run of `samples` samples (on the loop); returns
+        the seconds since `started`."""
+        elapsed = time.perf_counter() - started
+        self._measured(run_seconds, samples)
+        self._recent_batch_seconds = 0.8 * self._recent_batch_seconds + 0.2 * elapsed
+        self.metrics.compute_time.labels(self.name).observe(elapsed)
+        self.metrics.batch_size.labels(self.name).observe(samples)
+        self.statistics.executed(samples, elapsed)
+        if timing is not None:
+            timing.compute = elapsed
+        return elapsed
+
+    async def _work(self) -> None:
         def finished(task: asyncio.Task) -> None:
             self._running.discard(task)
-            slots.release()
+            self._release()
 
         while True:
             await self._arrival.wait()
             self._arrival.clear()
             while self.queue:
-                await slots.acquire()  # the next batch forms while the running ones compute
+                while self._busy >= self._slots:  # the next batch forms while others compute
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
                 batch = await self._collect()
                 if not batch:
-                    slots.release()
                     continue
+                self._busy += 1
                 task = asyncio.get_running_loop().create_task(self._execute(batch))
                 self._running.add(task)
                 task.add_done_callback(finished)
@@ -188,18 +281,16 @@ class BatchScheduler:
             tensors = {k: np.concatenate([p.tensors[k] for p in batch]) for k in batch[0].tensors}
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self.executor, self.run, tensors)
+            outputs, _, run_seconds = await loop.run_in_executor(
+                self.executor, self._timed_run, tensors
+            )
         except Exception as exc:  # a failed run fails its requests, not the worker
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        elapsed = time.perf_counter() - started
-        self._recent_batch_seconds = 0.8 * self._recent_batch_seconds + 0.2 * elapsed
         samples = sum(p.size for p in batch)
-        self.metrics.compute_time.labels(self.name).observe(elapsed)
-        self.metrics.batch_size.labels(self.name).observe(samples)
-        self.statistics.executed(samples, elapsed)
+        elapsed = self._ran(started, run_seconds, samples, None)
         offset = 0
         for pending in batch:
             if pending.timing is not None:

@@ -22,9 +22,19 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA EP when it really runs, else CPU EP"
     )
     device_id: int = Field(0, ge=0, description="CUDA device for the CUDA EP")
-    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads; 0 = physical cores")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ORT intra-op threads; 0 = one for models up to 1 MiB, else physical cores",
+    )
     inference_threads: int = Field(
         1, ge=1, description="batches each model version runs at once, each on its own thread"
+    )
+    inline_run_us: int = Field(
+        100,
+        ge=0,
+        description="models whose session.run takes less than this per sample (measured) run "
+        "on the event loop when nothing is queued, skipping the thread hop; 0 = never",
     )
     version_policy: str = Field(
         "latest", description="latest | all | specific:1,3 — which versions each model serves"

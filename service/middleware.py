@@ -2,14 +2,17 @@
 body within the data plane's size limit (413, checked before and while reading, decompressed
 size included), refusing an inference request the data plane would refuse anyway before its
 body is read, and reporting the call to the data plane's observer (metrics, access log). Pure
-ASGI keeps the per-request cost to a few microseconds."""
+ASGI keeps the per-request cost to a few microseconds.
+
+POST .../infer goes from here straight to the REST infer endpoint (`infer`, a
+routers.infer.InferRoute) instead of through FastAPI's routing: same checks, same answers."""
 
 from __future__ import annotations
 
 import re
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -19,8 +22,10 @@ from .logs import request_id
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 INFERENCE_PATH = re.compile(
-    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?:infer|stat-drift)$"
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/(?P<action>infer|stat-drift)$"
 )
+# name, version, body, Inference-Header-Content-Length, send
+InferEndpoint = Callable[[str, str | None, bytes, str | None, Callable], Awaitable[None]]
 
 
 class TooLarge(Exception):
@@ -39,8 +44,12 @@ class RequestContextMiddleware:
         max_body: int,
         observer: CallObserver,
         refusal: Callable[[str, str | None], ServiceError | None] = lambda name, version: None,
+        infer: InferEndpoint | None = None,
+        infer_templates: tuple[str, str] = ("", ""),
     ) -> None:
         self.app = app
+        self.infer = infer
+        self.infer_templates = infer_templates  # endpoint labels: without, with a version
         self.refusal = refusal
         self.max_body = max_body
         self.observer = observer
@@ -55,6 +64,7 @@ class RequestContextMiddleware:
         token = request_id.set(rid)
         started = self.observer.started()
         status = [500]
+        endpoint = None  # set when this middleware routes the request itself
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -79,14 +89,30 @@ class RequestContextMiddleware:
                 except BadEncoding as exc:
                     await _error(send_with_id, 400, str(exc))
                     return
+                routed = match and match["action"] == "infer" and scope["method"] == "POST"
+                if routed and self.infer is not None:
+                    endpoint = self.infer_templates[match["version"] is not None]
+                    header_length = headers.get(b"inference-header-content-length")
+                    await self.infer(
+                        match["model"],
+                        match["version"],
+                        body,
+                        None if header_length is None else header_length.decode("latin-1"),
+                        send_with_id,
+                    )
+                    return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
+            if endpoint is not None:
+                model = match["model"]
+            else:
+                endpoint = getattr(scope.get("route"), "path", "unmatched")
+                model = scope.get("path_params", {}).get("model_name", "")
             self.observer.finished(
                 started,
-                endpoint=getattr(route, "path", "unmatched"),
-                model=scope.get("path_params", {}).get("model_name", ""),
+                endpoint=endpoint,
+                model=model,
                 code=status[0],
                 method=scope["method"],
                 path=scope["path"],

@@ -109,11 +109,16 @@ class LoadedModel:
                 ),
                 max_queue_size=int(serving.get("max_queue_size", defaults.max_queue_size)),
                 workers=defaults.workers,
+                inline_run_us=int(serving.get("inline_run_us", defaults.inline_run_us)),
             )
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"model.json serving settings are invalid: {exc}") from None
         if config.enabled and not self.batch_axis:  # outputs could not be split per request
-            return BatchingConfig(max_queue_size=config.max_queue_size, workers=config.workers)
+            return BatchingConfig(
+                max_queue_size=config.max_queue_size,
+                workers=config.workers,
+                inline_run_us=config.inline_run_us,
+            )
         return config
 
     def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
