@@ -53,8 +53,8 @@ class _MonitorSessions(SessionFactory):
     arena, so a run's activations are freed after it instead of staying reserved (a resident
     arena would be the monitor's largest memory cost)."""
 
-    def options(self):
-        options = super().options()
+    def options(self, threads: int | None = None):
+        options = super().options(threads)
         options.enable_cpu_mem_arena = False
         return options
 
