@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CARD_FORMAT = "bnserve.model-card/1"
 
 Statistics = Literal["running", "recalibrated", "calibrated", "instance"]
+ParityRule = Literal["fixed", "conditioning", "override"]
 
 
 class TensorSpec(BaseModel):
@@ -54,6 +55,26 @@ class Verification(BaseModel):
     reference_rel_error: float | None = Field(
         default=None, description="reference.onnx against the PyTorch oracle, same measure"
     )
+    float64_rel_error: float | None = Field(
+        default=None,
+        description="model.onnx against the PyTorch oracle run in float64 (a float64 copy of "
+        "the model); the measure the parity limit applies to when present",
+    )
+    source_float32_rel_error: float | None = Field(
+        default=None,
+        description="PyTorch float32 eval against float64: the model's own float32 conditioning",
+    )
+    reference_float64_rel_error: float | None = Field(
+        default=None, description="reference.onnx against the float64 oracle"
+    )
+    parity_rule: ParityRule = Field(
+        default="fixed",
+        description="fixed: 1e-4 (float32); conditioning: conditioning_factor x "
+        "source_float32_rel_error, above 1e-4; override: parity_tolerance given at export",
+    )
+    parity_tolerance_override: float | None = Field(
+        default=None, description="the parity_tolerance the exporter asked for, if any"
+    )
     batch_independence_rel_error: float = Field(
         description="max |sample alone - sample in batch| / max |output| over checked samples"
     )
@@ -94,6 +115,16 @@ class ModelCard(BaseModel):
     )
 
 
+class ExportTimings(BaseModel):
+    """Seconds per export step (not in model.json: they describe the run, not the model)."""
+
+    oracle: float = Field(0.0, description="PyTorch eval forward, float32 and float64")
+    torch_export: float = Field(0.0, description="torch.onnx export to reference.onnx")
+    fold: float = 0.0
+    verify: float = Field(0.0, description="ONNX Runtime runs of model.onnx and reference.onnx")
+    write: float = 0.0
+
+
 class ExportReport(ModelCard):
     """What `export_model`/`fold_onnx` did: the card as written, plus where and any warnings."""
 
@@ -102,6 +133,7 @@ class ExportReport(ModelCard):
     path: str
     warnings: list[str] = []
     seconds: float
+    timings: ExportTimings = Field(default_factory=ExportTimings)
 
     @property
     def layers(self) -> list[BatchNormLayer]:
