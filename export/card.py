@@ -10,10 +10,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .fold import REMOVED_BY
+
 CARD_FORMAT = "bnserve.model-card/1"
 
 Statistics = Literal["running", "recalibrated", "calibrated", "instance"]
 ParityRule = Literal["fixed", "conditioning", "override"]
+
+# How each BN left the graph: the fold-rule table's names, plus the layers exported to
+# normalize each sample with its own statistics (batch_stats="instance"), which no rule folds.
+RemovedBy = Literal[(*REMOVED_BY, "per_sample_normalization")]
 
 
 class TensorSpec(BaseModel):
@@ -36,7 +42,7 @@ class BatchNormLayer(BaseModel):
         description="running: stored stats; recalibrated/calibrated: exact population stats "
         "computed at export; instance: each sample normalized with its own stats"
     )
-    removed_by: str = Field(description="folded_into_conv | folded_into_conv_transpose | ...")
+    removed_by: RemovedBy = Field(description="the fold rule that removed it (models/README.md)")
     folded_into: str | None = Field(default=None, description="ONNX node that absorbed it")
     note: str | None = Field(default=None, description="why a weaker rewrite was needed")
 
@@ -45,6 +51,13 @@ class AffineFoldRecord(BaseModel):
     node: str
     op_type: str
     into: str
+
+
+class ConstantFoldRecord(BaseModel):
+    tensor: str = Field(description="the tensor of reference.onnx, now an initializer")
+    nodes: int = Field(description="how many nodes of reference.onnx computed it")
+    op_types: list[str]
+    read_by: list[str] = Field(description="the reference.onnx nodes that read it")
 
 
 class Verification(BaseModel):
@@ -107,6 +120,11 @@ class ModelCard(BaseModel):
     outputs: list[TensorSpec]
     batch_norm: list[BatchNormLayer]
     affine_folds: list[AffineFoldRecord] = []
+    constant_folds: list[ConstantFoldRecord] = Field(
+        default=[],
+        description="tensors computed from constants alone (a standardized weight, shape "
+        "arithmetic), evaluated in float64 at export; a bare Constant node is not listed",
+    )
     verification: Verification
     files: dict[str, FileRecord]
     samples: list[str] = Field(default=[], description="v2 request bodies under samples/")

@@ -12,7 +12,14 @@ import numpy as np
 import onnx
 import orjson
 
-from .card import AffineFoldRecord, BatchNormLayer, ExportReport, ExportTimings, ModelCard
+from .card import (
+    AffineFoldRecord,
+    BatchNormLayer,
+    ConstantFoldRecord,
+    ExportReport,
+    ExportTimings,
+    ModelCard,
+)
 from .errors import InvalidInputError
 from .fold import FoldedLayer, fold_batch_norms
 from .onnx_io import tensor_specs
@@ -114,6 +121,7 @@ def publish(
             outputs=outputs_spec,
             batch_norm=layers,
             affine_folds=[AffineFoldRecord(**vars(f)) for f in folded.affine_folds],
+            constant_folds=[ConstantFoldRecord(**vars(f)) for f in folded.constant_folds],
             verification=verification,
             files={k: file_record(v) for k, v in files.items() if k.endswith(".onnx")},
             samples=sorted(k for k in files if k.startswith("samples/")),

@@ -736,6 +736,7 @@ CARD_KEYS = {
     "outputs",
     "batch_norm",
     "affine_folds",
+    "constant_folds",
     "verification",
     "files",
     "samples",

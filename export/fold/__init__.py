@@ -1,14 +1,23 @@
 """Exact BatchNorm folding at the ONNX level, for graphs from any producer.
 
-`fold_batch_norms` removes every eval-mode BatchNormalization node:
+`fold_batch_norms` removes every eval-mode BatchNormalization node by the first rule of the
+table in `rules` that takes it:
   1. into the Conv that produces its input (conv_bn),
   2. into a ConvTranspose (conv_transpose_bn),
   3. into a Gemm or a rank-2 MatMul(+Add) (linear_bn),
-  4. forward into the Conv/Gemm/MatMul that alone reads it, where exact (forward_bn),
-     else as one per-channel Mul+Add (affine_bn);
-then 5. folds per-channel Mul/Add constants after convolutions into them (conv_affine).
+  9. into each Conv of a channel Concat of convolutions, slice by slice (concat_conv_bn),
+  4b. forward into the Conv/Gemm/MatMul that alone reads it, where exact (forward_bn),
+  10. on the identity branch of a RepVGG-style block, merged with the branch convs into one
+     Conv (reparam_branches),
+else 4a. as one per-channel Mul+Add (affine_bn); then 5. folds per-channel Mul/Add constants
+after convolutions into them (conv_affine). Before any of that, 0. every subgraph computed from
+constants alone is evaluated in float64 and stored once (constant_subgraphs), which turns
+weight standardization (a BatchNormalization over a constant weight) into a plain weight.
 Folded weights are new initializers (6) computed in float64 (7); BN nodes that normalize with
-batch statistics stop the fold with a clear error (8).
+batch statistics of the data stop the fold with a clear error (8).
+
+Adding a rule is one new module holding its scaler (see scaling for the signature) plus one
+entry in rules.RULES; the model card's `removed_by` values derive from that table.
 """
 
 from __future__ import annotations
@@ -21,16 +30,19 @@ import onnx
 from ..errors import BatchStatisticsError, UnsupportedGraphError
 from .affine_bn import rewrite_as_affine
 from .batchnorm import BatchNorm, read_batch_norm
+from .constant_subgraphs import ConstantFold, fold_constant_subgraphs
 from .constants import materialize_parameters
 from .conv_affine import AffineFold, fold_conv_affines
-from .conv_bn import scale_conv_output
-from .conv_transpose_bn import scale_conv_transpose_output
-from .forward_bn import fold_forward
 from .graph import Graph
-from .linear_bn import scale_gemm_output, scale_matmul_output
+from .lean import lean
 from .naming import layer_name, unique_names
+from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side
+from .scaling import Affine
 
 __all__ = [
+    "REMOVED_BY",
+    "RULES",
+    "ConstantFold",
     "FoldResult",
     "FoldedLayer",
     "find_batch_norms",
@@ -53,7 +65,7 @@ class FoldedLayer:
     channels: int
     epsilon: float
     momentum: float
-    method: str  # folded_into_conv | ... | rewritten_as_affine
+    method: str  # a rules.REMOVED_BY value
     target: str | None  # the node that absorbed it
     reason: str | None = None  # why a weaker method was used
 
@@ -63,6 +75,7 @@ class FoldResult:
     model: onnx.ModelProto
     layers: list[FoldedLayer] = field(default_factory=list)
     affine_folds: list[AffineFold] = field(default_factory=list)
+    constant_folds: list[ConstantFold] = field(default_factory=list)
 
 
 def find_batch_norms(graph: Graph) -> list[BatchNorm]:
@@ -99,17 +112,29 @@ def fold_batch_norms(model: onnx.ModelProto) -> FoldResult:
     """A copy of `model` with every BatchNormalization folded away, and what was done to each."""
     graph = Graph(copy.deepcopy(model))
     result = FoldResult(model=graph.model)
+    result.constant_folds = fold_constant_subgraphs(graph)
     materialize_parameters(graph)
     batch_norms = find_batch_norms(graph)
     _materialize_parameters(graph, batch_norms)
-    for bn in batch_norms:
-        result.layers.append(_fold_one(graph, bn))
+    records = {id(bn.node): _record(bn) for bn in batch_norms}
+    left = _apply_rules(graph, batch_norms, records)
+    for bn in left:
+        record = records[id(bn.node)]
+        record.reason = _why_not_backward(graph, bn)
+        if not rewrite_as_affine(graph, bn):
+            raise UnsupportedGraphError(
+                f"BatchNorm layer '{bn.layer}': the rank of its input '{bn.x}' is unknown, so "
+                "it can be neither folded nor rewritten; expected an input with a known rank"
+            )
+        record.method = REWRITTEN_AS_AFFINE
         graph.reindex()
+    result.layers = [records[id(bn.node)] for bn in batch_norms]
     result.affine_folds = fold_conv_affines(graph)
     graph.prune()
-    left = [n.name for n in graph.nodes("BatchNormalization")]
-    if left:  # defensive: every branch above removes its node
-        raise UnsupportedGraphError(f"BatchNormalization nodes left after folding: {left}")
+    remaining = [n.name for n in graph.nodes("BatchNormalization")]
+    if remaining:  # defensive: every branch above removes its node
+        raise UnsupportedGraphError(f"BatchNormalization nodes left after folding: {remaining}")
+    result.model = lean(graph.model)
     return result
 
 
@@ -122,10 +147,8 @@ def _materialize_parameters(graph: Graph, batch_norms: list[BatchNorm]) -> None:
     graph.prune()
 
 
-def _fold_one(graph: Graph, bn: BatchNorm) -> FoldedLayer:
-    a, b = bn.affine()
-    producer = graph.producer.get(bn.x)
-    record = FoldedLayer(
+def _record(bn: BatchNorm) -> FoldedLayer:
+    return FoldedLayer(
         layer=bn.layer,
         onnx_node=bn.node.name,
         channels=bn.channels,
@@ -134,39 +157,86 @@ def _fold_one(graph: Graph, bn: BatchNorm) -> FoldedLayer:
         method="",
         target=None,
     )
-    reason = _why_not_backward(graph, bn, producer)
-    if reason is None:
-        tail = _fold_backward(graph, producer, a, b)
-        if tail is not None:
-            for reader in _shape_readers(graph, bn.x):
-                reader.input[0] = bn.y  # same shape, and tail now produces it
-            tail.output[0] = bn.y
-            graph.remove(bn.node)
-            record.method = f"folded_into_{_snake(producer.op_type)}"
-            record.target = producer.name
-            return record
-        reason = f"{producer.op_type} '{producer.name}' has no constant weight of a foldable shape"
-    reader = fold_forward(graph, bn)
-    if reader is not None:
-        record.method = f"folded_forward_into_{_snake(reader.op_type)}"
-        record.target = reader.name
-        record.reason = reason
-        return record
-    if not rewrite_as_affine(graph, bn):
-        raise UnsupportedGraphError(
-            f"BatchNorm layer '{bn.layer}': the rank of its input '{bn.x}' is unknown, so it can "
-            "be neither folded nor rewritten; expected an input with a known rank"
-        )
-    record.method = "rewritten_as_affine"
-    record.reason = reason
-    return record
 
 
-def _why_not_backward(graph: Graph, bn: BatchNorm, producer: onnx.NodeProto | None) -> str | None:
+def _apply_rules(
+    graph: Graph, batch_norms: list[BatchNorm], records: dict[int, FoldedLayer]
+) -> list[BatchNorm]:
+    """Try the table's rules in order, each on every BN still left, until a sweep removes none
+    (a fold can enable another: a RepVGG identity branch needs its branch convs' BNs folded).
+    Returns the BNs no rule took."""
+    left = list(batch_norms)
+    progress = True
+    while progress and left:
+        progress = False
+        for rule in RULES:
+            for bn in list(left):
+                applied = _apply(graph, rule, bn)
+                if applied is None:
+                    continue
+                record = records[id(bn.node)]
+                record.method, record.target = rule.removed_by, applied[0].name
+                record.reason = applied[1]
+                left.remove(bn)
+                graph.reindex()
+                progress = True
+    return left
+
+
+def _apply(graph: Graph, rule: FoldRule, bn: BatchNorm) -> tuple[onnx.NodeProto, str | None] | None:
+    """Fold `bn` by `rule`: the node that absorbed it and, for a reader rule, why no producer
+    could; None with the graph untouched when the rule does not apply."""
+    a, b = bn.affine()
+    affine = Affine(a, b, bn.x, bn.y)
+    if rule.side is Side.PRODUCER:
+        producer = graph.producer.get(bn.x)
+        if producer is None or producer.op_type != rule.op_type or not _standard(producer):
+            return None
+        if _producer_blocker(graph, bn) is not None:
+            return None
+        tail = rule.scale(graph, producer, affine)
+        if tail is None:
+            return None
+        for reader in _shape_readers(graph, bn.x):
+            reader.input[0] = bn.y  # same shape, and tail now produces it
+        tail.output[0] = bn.y
+        graph.remove(bn.node)
+        return producer, None
+    reader = graph.only_consumer(bn.y)
+    if reader is None or reader.op_type != rule.op_type or not _standard(reader):
+        return None
+    reason = _why_not_backward(graph, bn)  # before the rule changes the graph
+    target = rule.scale(graph, reader, affine)
+    if target is None:
+        return None
+    graph.remove(bn.node)
+    return target, reason
+
+
+def _standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _why_not_backward(graph: Graph, bn: BatchNorm) -> str:
+    """Why no producer rule took `bn`, for the record of a weaker method."""
+    blocker = _producer_blocker(graph, bn)
+    if blocker is not None:
+        return blocker
+    producer = graph.producer[bn.x]
+    return (
+        f"{producer.op_type} '{producer.name}' has no constant weight of a foldable shape "
+        "(or a layout its rule does not cover)"
+    )
+
+
+def _producer_blocker(graph: Graph, bn: BatchNorm) -> str | None:
+    """Why no producer rule can take `bn` as the graph stands, or None when one may."""
+    producer = graph.producer.get(bn.x)
     if producer is None:
         kind = "a graph input" if bn.x in graph.graph_inputs else "not produced by a node"
         return f"its input '{bn.x}' is {kind}"
-    if producer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+    producers = {rule.op_type for rule in RULES if rule.side is Side.PRODUCER}
+    if producer.op_type not in producers:
         return f"its producer is {producer.op_type} '{producer.name}'"
     if bn.x in graph.graph_outputs:
         return f"its input '{bn.x}' is also a graph output"
@@ -182,20 +252,3 @@ def _shape_readers(graph: Graph, name: str) -> list[onnx.NodeProto]:
     """Readers that use only the shape of `name`, which folding does not change."""
     readers = graph.consumers[name]
     return [n for n in readers if n.op_type in ("Shape", "Size") and n.input[0] == name]
-
-
-def _fold_backward(graph: Graph, producer: onnx.NodeProto, a, b) -> onnx.NodeProto | None:
-    """The node whose output now carries a * x + b, or None if the producer cannot take it."""
-    if producer.op_type == "Conv":
-        return producer if scale_conv_output(graph, producer, a, b) else None
-    if producer.op_type == "ConvTranspose":
-        return producer if scale_conv_transpose_output(graph, producer, a, b) else None
-    if producer.op_type == "Gemm":
-        return producer if scale_gemm_output(graph, producer, a, b) else None
-    return scale_matmul_output(graph, producer, a, b)  # MatMul, or Add after a MatMul
-
-
-def _snake(op_type: str) -> str:
-    return {"ConvTranspose": "conv_transpose", "MatMul": "matmul", "Add": "matmul"}.get(
-        op_type, op_type.lower()
-    )

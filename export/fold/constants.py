@@ -12,16 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Graph
-
-# input indices of weight and bias per op type
-PARAMETERS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
+from .rules import parameter_inputs
 
 
 def materialize_parameters(graph: Graph) -> int:
     """Rewrite computed constant parameters in place; returns how many inputs changed."""
     changed = 0
+    parameters = parameter_inputs()
     for node in list(graph.graph.node):
-        for index in PARAMETERS.get(node.op_type, ()):
+        for index in parameters.get(node.op_type, ()):
             if len(node.input) <= index or not node.input[index]:
                 continue
             name = node.input[index]

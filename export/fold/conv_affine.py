@@ -12,11 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .conv_bn import scale_conv_output
-from .conv_transpose_bn import scale_conv_transpose_output
-from .graph import Graph, attribute, channel_vector
-
-_SCALERS = {"Conv": scale_conv_output, "ConvTranspose": scale_conv_transpose_output}
+from .graph import Graph, channel_vector
+from .rules import constant_affine_scalers
+from .scaling import Affine
 
 
 @dataclass
@@ -28,11 +26,12 @@ class AffineFold:
 
 def fold_conv_affines(graph: Graph) -> list[AffineFold]:
     folds: list[AffineFold] = []
+    scalers = constant_affine_scalers()
     progress = True
     while progress:
         progress = False
-        for conv in [n for n in graph.graph.node if n.op_type in _SCALERS]:
-            step = _fold_next(graph, conv)
+        for conv in [n for n in graph.graph.node if n.op_type in scalers]:
+            step = _fold_next(graph, conv, scalers)
             if step:
                 folds.append(step)
                 graph.reindex()
@@ -40,7 +39,7 @@ def fold_conv_affines(graph: Graph) -> list[AffineFold]:
     return folds
 
 
-def _fold_next(graph: Graph, conv: onnx.NodeProto) -> AffineFold | None:
+def _fold_next(graph: Graph, conv: onnx.NodeProto, scalers) -> AffineFold | None:
     out = conv.output[0]
     reader = graph.only_consumer(out)
     weight = graph.constant(conv.input[1])
@@ -53,9 +52,7 @@ def _fold_next(graph: Graph, conv: onnx.NodeProto) -> AffineFold | None:
     if value is None or value.dtype != weight.dtype:
         return None
     vector = channel_vector(value, weight.ndim)  # conv output rank equals weight rank
-    groups = int(attribute(conv, "group", 1))
-    channels = weight.shape[0] if conv.op_type == "Conv" else weight.shape[1] * groups
-    if vector is None or vector.size not in (1, channels):  # a wider constant would broadcast
+    if vector is None:  # the scaler refuses a vector wider than the channels (it would broadcast)
         return None
     c = vector.astype(np.float64)
     if reader.op_type == "Mul":
@@ -68,7 +65,7 @@ def _fold_next(graph: Graph, conv: onnx.NodeProto) -> AffineFold | None:
         a, b = 1.0 / c, np.zeros_like(c)
     else:
         return None
-    if not _SCALERS[conv.op_type](graph, conv, a, b):
+    if scalers[conv.op_type](graph, conv, Affine(a, b, out, reader.output[0])) is None:
         return None
     conv.output[0] = reader.output[0]
     graph.remove(reader)

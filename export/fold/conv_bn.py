@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .graph import Graph
+from .scaling import Affine
 
 
 def conv_parameters(
@@ -28,16 +29,18 @@ def conv_parameters(
     return weight, bias
 
 
-def scale_conv_output(graph: Graph, conv: onnx.NodeProto, a: np.ndarray, b: np.ndarray) -> bool:
-    """Rewrite `conv` to compute a * conv(x) + b per output channel; False if it cannot be."""
+def scale_conv_output(graph: Graph, conv: onnx.NodeProto, affine: Affine) -> onnx.NodeProto | None:
+    """Rewrite `conv` to compute a * conv(x) + b per output channel; None if it cannot be."""
     parameters = conv_parameters(graph, conv)
     if parameters is None:
-        return False
+        return None
     weight, bias = parameters
-    channels = weight.shape[0]
-    a, b = np.broadcast_to(a, (channels,)), np.broadcast_to(b, (channels,))
+    per_channel = affine.per_channel(weight.shape[0])
+    if per_channel is None:
+        return None
+    a, b = per_channel
     new_weight = weight.astype(np.float64) * a.reshape((-1,) + (1,) * (weight.ndim - 1))
     new_bias = bias.astype(np.float64) * a + b
     graph.set_input(conv, 1, new_weight.astype(weight.dtype))
     graph.set_input(conv, 2, new_bias.astype(weight.dtype))
-    return True
+    return conv

@@ -84,6 +84,10 @@ class Graph:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
+    def elem_type(self, name: str) -> int | None:
+        """The ONNX element type of `name` where shape inference or the graph records it."""
+        return self._elem_types.get(name)
+
     def set_shape(self, name: str, shape: list[int | None] | None) -> None:
         self._shapes[name] = shape
 

@@ -13,19 +13,21 @@ import onnx
 from onnx import helper
 
 from .graph import Graph, attribute, channel_vector, set_attribute
+from .scaling import Affine
 
 
-def scale_gemm_output(graph: Graph, gemm: onnx.NodeProto, a: np.ndarray, b: np.ndarray) -> bool:
+def scale_gemm_output(graph: Graph, gemm: onnx.NodeProto, affine: Affine) -> onnx.NodeProto | None:
     """Rewrite Y = alpha * A' B' + beta * C into a * Y + b per column of Y."""
     weight = graph.constant(gemm.input[1])
     if weight is None or weight.ndim != 2:
-        return False
+        return None
     trans_b = int(attribute(gemm, "transB", 0))
     columns = weight.shape[0] if trans_b else weight.shape[1]
     c = graph.optional_constant(gemm, 2, np.zeros((), weight.dtype))
-    if c is None:
-        return False
-    a, b = np.broadcast_to(a, (columns,)), np.broadcast_to(b, (columns,))
+    per_channel = affine.per_channel(columns)
+    if c is None or per_channel is None:
+        return None
+    a, b = per_channel
     w64 = weight.astype(np.float64)
     new_weight = w64 * a[:, None] if trans_b else w64 * a[None, :]
     beta = float(attribute(gemm, "beta", 1.0))
@@ -33,11 +35,11 @@ def scale_gemm_output(graph: Graph, gemm: onnx.NodeProto, a: np.ndarray, b: np.n
     graph.set_input(gemm, 1, new_weight.astype(weight.dtype))
     graph.set_input(gemm, 2, new_c.astype(weight.dtype))
     set_attribute(gemm, "beta", 1.0)
-    return True
+    return gemm
 
 
 def scale_matmul_output(
-    graph: Graph, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray
+    graph: Graph, node: onnx.NodeProto, affine: Affine
 ) -> onnx.NodeProto | None:
     """Fold into MatMul(x, W) or Add(MatMul(x, W), bias) with a rank-2 result.
 
@@ -63,7 +65,10 @@ def scale_matmul_output(
         bias = channel_vector(bias, 2)
         if bias is None or bias.size not in (1, columns):
             return None
-    a, b = np.broadcast_to(a, (columns,)), np.broadcast_to(b, (columns,))
+    per_channel = affine.per_channel(columns)
+    if per_channel is None:
+        return None
+    a, b = per_channel
     graph.set_input(matmul, 1, (weight.astype(np.float64) * a[None, :]).astype(weight.dtype))
     if add is not None:
         new_bias = (bias.astype(np.float64) * a + b).astype(weight.dtype)
