@@ -432,11 +432,12 @@ ANCHORS = ("torch optimize=True", "onnxsim", "onnxslim", "onnxoptimizer")
 def row(r: ZooResult) -> str:
     if r.error is not None:
         return f"| {r.name} | {r.bn_modules} | **failed**: {r.error[:160]} | | | | | | |"
-    how = ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in sorted(r.removed_by.items()))
-    if r.constant_folds:
-        how += f"; {r.constant_folds} constants folded"
+    parts = [", ".join(f"{SHORT.get(k, k)} {v}" for k, v in sorted(r.removed_by.items()))]
     if r.affine_folds:
-        how += f"; {r.affine_folds} Mul/Add into convs"
+        parts.append(f"{r.affine_folds} Mul/Add into convs")
+    if r.constant_folds:
+        parts.append(f"{r.constant_folds} constants folded")
+    how = "; ".join(p for p in parts if p)
     s = r.seconds
     seconds = f"{s['torch_export']:.1f} / {s['fold']:.2f} / {s['oracle'] + s['verify']:.1f}"
     anchors = " / ".join(str(r.anchors.get(a, "-")) for a in ANCHORS)
