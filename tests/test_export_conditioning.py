@@ -25,7 +25,7 @@ from torch import nn
 import export
 from export.fold import fold_batch_norms
 from export.torch_onnx import to_onnx
-from export.verify import CONDITIONING_FACTOR, verify_export
+from export.verify import CONDITIONING_FACTOR, FLOAT64_SAMPLES, verify_export
 
 FIXED = 1e-4
 OFFSET = 3000.0  # float32 keeps ~2e-4 of a unit signal riding on it: ill-conditioned
@@ -243,3 +243,26 @@ def test_cli_parity_tolerance_is_recorded(tmp_path):
     assert card["source_float32_rel_error"] < FIXED
     assert "parity vs float64 oracle" in result.stdout
     assert "PyTorch float32 vs float64" in result.stdout
+
+
+def test_float64_oracle_covers_the_first_samples_and_float32_all(tmp_path, ill_conditioned):
+    """With calibration data the oracle runs on 44 samples; float64 on the first 8 (slow
+    convolutions), and the float32 parity on all 44 stays within the limit plus float32's own
+    error, which the float64 bound implies."""
+    x = example()
+    calibration = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    report = export.export_model(
+        ill_conditioned, x, calibration=calibration, repository=tmp_path, name="deep"
+    )
+    v = report.verification
+    assert v.samples == 44
+    inputs = torch.cat([x, calibration])
+    truth = float64_outputs(ill_conditioned, inputs[:FLOAT64_SAMPLES])
+    folded = onnx_outputs(Path(report.path) / "model.onnx", inputs)
+    assert v.float64_rel_error == pytest.approx(
+        rel_error(folded[:FLOAT64_SAMPLES], truth), rel=1e-6
+    )
+    with torch.no_grad():
+        float32 = ill_conditioned(inputs).numpy()
+    assert v.parity_rel_error == pytest.approx(rel_error(folded, float32), rel=1e-6)
+    assert v.parity_rel_error <= v.tolerances["parity_rel_error"] + v.source_float32_rel_error
