@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ci", action="store_true", help="only the CI subset")
     parser.add_argument("--no-anchors", action="store_true", help="skip the anchor tools")
     parser.add_argument("-k", help="only models whose name contains this")
+    parser.add_argument("--skip", type=int, default=0, help="start at this index of the list")
     args = parser.parse_args(argv)
     import logging
 
@@ -470,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     entries = [e for e in ZOO if (not args.ci or e.ci) and (not args.k or args.k in e.name)]
+    entries = entries[args.skip :]
     print(HEADER, flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bnserve-zoo-") as tmp:
@@ -477,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(check(entry, Path(tmp), anchors=not args.no_anchors))
             print(row(results[-1]), flush=True)
     failures = sum(not r.passed for r in results)
+    for r in results:
+        if r.error is None and "@" in r.name:  # the full-size speed reference
+            split = ", ".join(f"{k} {v:.2f}" for k, v in r.seconds.items() if k != "total")
+            print(f"\n{r.name} export seconds: {split} (total {r.seconds['total']:.1f})")
     ratios = [(r.parity / r.source, r.name) for r in results if r.error is None and r.source > 0]
     if ratios:
         worst, name = max(ratios)
