@@ -82,6 +82,7 @@ class ZooModel:
     input_shape: tuple[int, ...] = (3, SIZE, SIZE)  # without the batch axis
     batch: int = 2
     ci: bool = False  # in the CI subset (tests/test_zoo.py)
+    known_failure: str | None = None  # why verification refuses it, where bnserve is not at fault
 
 
 def _tv(builder: str, module: str = "", **kwargs) -> Callable[[], nn.Module]:
@@ -192,9 +193,17 @@ def _zoo() -> list[ZooModel]:
             "dpn48b",
             "ese_vovnet19b_slim_dw",
             "nf_regnet_b0",  # NFNet family: ScaledStdConv2d (BN over the weight)
-            "resnetv2_50x1_bit",  # BiT: StdConv2d
         )
     ]
+    timm.append(
+        ZooModel(
+            "timm/resnetv2_50x1_bit",  # BiT: StdConv2d (BN over the weight) and GroupNorm
+            _timm("resnetv2_50x1_bit"),
+            known_failure="ONNX Runtime 1.31's basic graph optimizations change this graph's "
+            "output by ~2e-2 of its scale, reference.onnx (BN intact) as much as model.onnx; "
+            "with ORT_DISABLE_ALL both match PyTorch to 2e-5; the export rightly refuses it",
+        )
+    )
     return tv + timm
 
 
@@ -263,6 +272,7 @@ class ZooResult:
     seconds: dict[str, float] = field(default_factory=dict)
     anchors: dict[str, int | str] = field(default_factory=dict)
     error: str | None = None
+    known_failure: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -310,7 +320,7 @@ def check(entry: ZooModel, repository: Path, *, anchors: bool = False) -> ZooRes
     """Export `entry` into `repository` and check it without reading the export's report."""
     from export import export_model
 
-    result = ZooResult(entry.name)
+    result = ZooResult(entry.name, known_failure=entry.known_failure)
     torch.manual_seed(0)
     model = with_statistics(entry.build(), entry)
     result.bn_modules = len(batch_norm_modules(model))
@@ -431,7 +441,8 @@ ANCHORS = ("torch optimize=True", "onnxsim", "onnxslim", "onnxoptimizer")
 
 def row(r: ZooResult) -> str:
     if r.error is not None:
-        return f"| {r.name} | {r.bn_modules} | **failed**: {r.error[:160]} | | | | | | |"
+        known = f" (known: {r.known_failure})" if r.known_failure else ""
+        return f"| {r.name} | {r.bn_modules} | **failed**: {r.error[:160]}{known} | | | | | | |"
     parts = [", ".join(f"{SHORT.get(k, k)} {v}" for k, v in sorted(r.removed_by.items()))]
     if r.affine_folds:
         parts.append(f"{r.affine_folds} Mul/Add into convs")
@@ -478,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         for entry in entries:
             results.append(check(entry, Path(tmp), anchors=not args.no_anchors))
             print(row(results[-1]), flush=True)
-    failures = sum(not r.passed for r in results)
+    failures = sum(not r.passed and not r.known_failure for r in results)
+    known = sum(not r.passed and bool(r.known_failure) for r in results)
     for r in results:
         if r.error is None and "@" in r.name:  # the full-size speed reference
             split = ", ".join(f"{k} {v:.2f}" for k, v in r.seconds.items() if k != "total")
@@ -490,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         conditioned = [r.name for r in results if r.error is None and r.limit > PARITY]
         print(f"models whose own float32 error set the limit above 1e-4: {conditioned or 'none'}")
     print(
-        f"\n{len(entries) - failures}/{len(entries)} models exported exactly and passed the "
-        "independent checks (parity vs PyTorch float64 <= max(1e-4, 4 x fp32's own error), "
-        "batch independence <= 1e-5, source model untouched)."
+        f"\n{len(entries) - failures - known}/{len(entries)} models exported exactly and passed "
+        "the independent checks (parity vs PyTorch float64 <= max(1e-4, 4 x fp32's own error), "
+        f"batch independence <= 1e-5, source model untouched); {known} known failure(s)."
     )
     return 1 if failures else 0
 
