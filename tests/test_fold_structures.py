@@ -4,7 +4,10 @@ torch.onnx: weight standardization (constant subgraphs, rule 0), BN after a Conc
 
 from __future__ import annotations
 
+import importlib
+import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from onnx import helper
 from onnx_builders import bn_node, bn_params, const, model, op_types, rand, run
 from torch import nn
 
+import export
 from export.card import BatchNormLayer
 from export.errors import BatchStatisticsError
 from export.fold import REMOVED_BY, RULES, fold_batch_norms
@@ -128,8 +132,27 @@ def test_weight_standardized_conv_is_constant_folded_and_its_bn_folds(conv):
     assert_matches_float64(module, result.model, 3, 9, 9)
 
 
+_LIBRARIES: list = []  # a torch.library.Library must stay alive for its definitions to hold
+
+
+def timm_module(name: str):
+    """A timm module, or a skip without timm. timm imports torchvision, which on a CPU torch
+    built without torchvision's operators needs their schemas declared first."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (make zoo-deps)")
+    if "torchvision" not in sys.modules:
+        try:
+            torch.ops.torchvision.nms  # noqa: B018
+        except (AttributeError, RuntimeError):
+            library = torch.library.Library("torchvision", "DEF")
+            for op in ("nms", "qnms"):
+                library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _LIBRARIES.append(library)
+    return importlib.import_module(name)
+
+
 def test_timm_std_conv_when_timm_is_installed():
-    layers = pytest.importorskip("timm.layers")
+    layers = timm_module("timm.layers")
     module = realistic(
         nn.Sequential(layers.StdConv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6),
                       layers.ScaledStdConv2d(6, 6, 3, padding=1)), 4, 7, 7
@@ -211,6 +234,15 @@ def test_bn_after_concat_of_convs_folds_slice_by_slice(depthwise):
     assert_matches_float64(module, result.model, 8, 10, 10)
 
 
+def test_timm_mixed_conv_when_timm_is_installed():
+    layers = timm_module("timm.layers")
+    conv = layers.MixedConv2d(12, 12, kernel_size=[3, 5, 7], padding="", depthwise=True)
+    module = realistic(nn.Sequential(conv, nn.BatchNorm2d(12), nn.ReLU()), 12, 9, 9)
+    _, result = exported_and_folded(module, 12, 9, 9)
+    assert [layer.method for layer in result.layers] == ["folded_into_concatenated_convs"]
+    assert_matches_float64(module, result.model, 12, 9, 9)
+
+
 def concat_graph(axis: int, extra_reader: bool = False, relu_input: bool = False):
     inits = [const("w1", rand(3, 2, 3, 3)), const("w2", rand(5, 2, 1, 1)), *bn_params("bn", 8)]
     nodes = [
@@ -288,6 +320,16 @@ def test_repvgg_block_becomes_one_conv(groups, order):
     assert_matches_float64(module, result.model, 8, 7, 7)
 
 
+def test_timm_repvgg_block_when_timm_is_installed():
+    byobnet = timm_module("timm.models.byobnet")
+    block = byobnet.RepVggBlock(8, 8, group_size=4)
+    module = realistic(nn.Sequential(block), 8, 6, 6)
+    _, result = exported_and_folded(module, 8, 6, 6)
+    assert "reparameterized_into_conv" in {layer.method for layer in result.layers}
+    assert op_types(result.model).count("Conv") == 1
+    assert_matches_float64(module, result.model, 8, 6, 6)
+
+
 def test_repvgg_with_a_broadcast_identity_is_refused():
     """One input channel broadcast over eight outputs: no identity kernel exists."""
     block = RepVggBlock(1, 8, identity=False)
@@ -309,20 +351,45 @@ def test_repvgg_with_stride_2_is_refused():
     assert_matches_float64(module, result.model, 4, 1, 1)
 
 
-def test_repvgg_branch_read_elsewhere_is_refused():
-    inits = [const("w3", rand(4, 4, 3, 3)), const("w1", rand(4, 4, 1, 1)), *bn_params("bn", 4)]
+def repvgg_graph(conv3: dict, conv1: dict, w3_shape=(4, 4, 3, 3), w1_shape=(4, 4, 1, 1), **kw):
+    inits = [const("w3", rand(*w3_shape)), const("w1", rand(*w1_shape)), *bn_params("bn", 4)]
     nodes = [
-        helper.make_node("Conv", ["x", "w3"], ["c3"], name="c3", pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1"),
+        helper.make_node("Conv", ["x", "w3"], ["c3"], name="c3", **conv3),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", **conv1),
         bn_node("bn", "x", "i"),
         helper.make_node("Add", ["c3", "c1"], ["s"], name="s"),
-        helper.make_node("Add", ["s", "i"], ["y"], name="y"),
+        helper.make_node("Add", ["i", "s"], ["y"], name="y"),
     ]
-    m = model(nodes, inits, {"x": [None, 4, 5, 5]}, {"y": None, "c1": None})
-    result = fold_batch_norms(m)
-    assert result.layers[0].method == "rewritten_as_affine"
-    feeds = {"x": rand(2, 4, 5, 5)}
-    for e, g in zip(run(m, feeds), run(result.model, feeds), strict=True):
+    outputs = {"y": None, "c1": None} if kw.get("c1_is_output") else {"y": None}
+    return model(nodes, inits, {"x": [None, 4, 6, 6]}, outputs)
+
+
+PAD1 = {"pads": [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize(
+    ("graph", "method"),
+    [
+        (repvgg_graph(PAD1, {}), "reparameterized_into_conv"),
+        (repvgg_graph(PAD1, {}, c1_is_output=True), "rewritten_as_affine"),  # branch read twice
+        (  # one group count for all branches, or the kernels cannot merge
+            repvgg_graph({**PAD1, "group": 2}, {}, w3_shape=(4, 2, 3, 3)),
+            "rewritten_as_affine",
+        ),
+        (  # dilation 2 with pads 2 keeps the shape, but its taps are not a 3x3 kernel's
+            repvgg_graph({"pads": [2, 2, 2, 2], "dilations": [2, 2]}, {}),
+            "rewritten_as_affine",
+        ),
+        (repvgg_graph({"pads": [1, 1, 1, 1]}, {"pads": [0, 0, 0, 0], "strides": [1, 1]}), None),
+    ],
+)
+def test_repvgg_rule_on_onnx_graphs(graph, method):
+    result = fold_batch_norms(graph)
+    assert result.layers[0].method == (method or "reparameterized_into_conv")
+    if result.layers[0].method == "reparameterized_into_conv":
+        assert op_types(result.model) == ["Conv"]
+    feeds = {"x": rand(2, 4, 6, 6)}
+    for e, g in zip(run(graph, feeds), run(result.model, feeds), strict=True):
         assert float(np.abs(e - g).max()) <= 1e-5 * float(np.abs(e).max())
 
 
@@ -369,3 +436,35 @@ def test_served_graph_is_as_lean_as_torch_optimize_and_records_name_its_nodes():
     names = {n.name for n in result.model.graph.node}
     assert {layer.target for layer in result.layers} <= names
     assert_matches_float64(module, result.model, 8, 5, 5)
+
+
+def test_lean_rewrites_change_no_output_bit(monkeypatch):
+    module = realistic(nn.Sequential(ShuffleBlock(8), RepVggBlock(8, 8)), 8, 5, 5)
+    reference = to_onnx(module, (torch.randn(2, 8, 5, 5),), ["x"], ["y"])
+    lean = fold_batch_norms(reference).model
+    monkeypatch.setattr(export.fold, "make_lean", lambda m: m)
+    unsimplified = fold_batch_norms(reference).model
+    assert len(lean.graph.node) < len(unsimplified.graph.node)
+    feeds = {"x": rand(3, 8, 5, 5)}
+    for before, after in zip(run(unsimplified, feeds), run(lean, feeds), strict=True):
+        assert before.tobytes() == after.tobytes()
+
+
+def test_exported_card_records_the_constant_folds_and_the_rules(tmp_path):
+    """End to end: a weight-standardized conv, a MixNet conv and a RepVGG block in one model;
+    the card names each rule and the standardized weight, and the export's own checks pass."""
+    module = realistic(
+        nn.Sequential(StdConv2d(3, 8, 3, padding=1), MixedConv(splits=(4, 4), kernels=(3, 5),
+                      out=(4, 4)), RepVggBlock(8, 8)), 3, 8, 8
+    )  # fmt: skip
+    report = export.export_model(module, torch.randn(2, 3, 8, 8), repository=tmp_path, name="m")
+    methods = {layer.name: layer.removed_by for layer in report.batch_norm}
+    assert methods["1.bn"] == "folded_into_concatenated_convs"
+    assert methods["2.identity"] == "reparameterized_into_conv"
+    card = json.loads((Path(report.path) / "model.json").read_text())
+    (standardized,) = [c for c in card["constant_folds"] if "BatchNormalization" in c["op_types"]]
+    assert standardized["read_by"]
+    assert report.verification.batch_norm_nodes_left == 0
+    folded = onnx.load(Path(report.path) / "model.onnx")
+    assert op_types(folded).count("Conv") == 4  # std conv, two mixed convs, one RepVGG conv
+    assert {layer.folded_into for layer in report.batch_norm} <= {n.name for n in folded.graph.node}

@@ -14,7 +14,8 @@ after convolutions into them (conv_affine). Before any of that, 0. every subgrap
 constants alone is evaluated in float64 and stored once (constant_subgraphs), which turns
 weight standardization (a BatchNormalization over a constant weight) into a plain weight.
 Folded weights are new initializers (6) computed in float64 (7); BN nodes that normalize with
-batch statistics of the data stop the fold with a clear error (8).
+batch statistics of the data stop the fold with a clear error (8). Finally 11. the served graph
+loses the exporter's scaffolding with exact rewrites only (lean).
 
 Adding a rule is one new module holding its scaler (see scaling for the signature) plus one
 entry in rules.RULES; the model card's `removed_by` values derive from that table.
@@ -34,9 +35,9 @@ from .constant_subgraphs import ConstantFold, fold_constant_subgraphs
 from .constants import materialize_parameters
 from .conv_affine import AffineFold, fold_conv_affines
 from .graph import Graph
-from .lean import lean
+from .lean import make_lean
 from .naming import layer_name, unique_names
-from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side
+from .rules import REMOVED_BY, REWRITTEN_AS_AFFINE, RULES, FoldRule, Side, producer_rule
 from .scaling import Affine
 
 __all__ = [
@@ -134,7 +135,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> FoldResult:
     remaining = [n.name for n in graph.nodes("BatchNormalization")]
     if remaining:  # defensive: every branch above removes its node
         raise UnsupportedGraphError(f"BatchNormalization nodes left after folding: {remaining}")
-    result.model = lean(graph.model)
+    result.model = make_lean(graph.model)
     return result
 
 
@@ -180,7 +181,17 @@ def _apply_rules(
                 left.remove(bn)
                 graph.reindex()
                 progress = True
+                _retarget(graph, records.values(), applied[0].name)
     return left
+
+
+def _retarget(graph: Graph, records, merged_into: str) -> None:
+    """A rule that merges nodes (RepVGG's branch convs) removes earlier folds' targets: those
+    folds now live in the node it merged them into."""
+    live = {n.name for n in graph.graph.node}
+    for record in records:
+        if record.target is not None and record.target not in live:
+            record.target = merged_into
 
 
 def _apply(graph: Graph, rule: FoldRule, bn: BatchNorm) -> tuple[onnx.NodeProto, str | None] | None:
@@ -223,10 +234,9 @@ def _why_not_backward(graph: Graph, bn: BatchNorm) -> str:
     if blocker is not None:
         return blocker
     producer = graph.producer[bn.x]
-    return (
-        f"{producer.op_type} '{producer.name}' has no constant weight of a foldable shape "
-        "(or a layout its rule does not cover)"
-    )
+    rule = producer_rule(producer.op_type)
+    expected = rule.requires if rule else "a node a fold rule covers"
+    return f"{producer.op_type} '{producer.name}' cannot absorb it exactly; expected {expected}"
 
 
 def _producer_blocker(graph: Graph, bn: BatchNorm) -> str | None:

@@ -20,13 +20,16 @@ import onnxscript.optimizer
 from .constant_subgraphs import SMALL
 
 
-def lean(model: onnx.ModelProto) -> onnx.ModelProto:
+def make_lean(model: onnx.ModelProto) -> onnx.ModelProto:
     """An exact, leaner copy of `model` whose nodes keep their names where they survive."""
     names = {n.output[0]: (n.op_type, n.name) for n in model.graph.node if n.output and n.name}
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
     copy = onnx.ModelProto.FromString(model.SerializeToString())
-    # no constant bigger than constant_subgraphs would store (an Expand to a huge tensor)
-    optimized = onnxscript.optimizer.optimize(copy, output_size_limit=SMALL)
+    try:  # no constant bigger than constant_subgraphs would store (an Expand to a huge tensor)
+        optimized = onnxscript.optimizer.optimize(copy, output_size_limit=SMALL)
+    except Exception:  # leanness is a nicety: the folded graph is exact and served as it is
+        logging.getLogger(__name__).warning("onnxscript could not simplify the folded graph")
+        return model
     taken = {n.name for n in optimized.graph.node}
     for node in optimized.graph.node:
         found = names.get(node.output[0]) if node.output else None

@@ -30,33 +30,58 @@ class Side(Enum):
 
 @dataclass(frozen=True)
 class FoldRule:
+    """One row of the table; its columns in the order the entries below give them."""
+
     op_type: str
     side: Side
     scale: Scaler
     parameters: tuple[int, ...]  # input indices of the constant weight and bias
     removed_by: str
+    requires: str  # what the rule needs, for the one-line note when it refuses
     constant_affines: bool = False  # also absorbs Mul/Add/Sub/Div by per-channel constants
 
 
+_WEIGHT = "a constant weight (and bias) of the shapes ONNX specifies"
+
 RULES: tuple[FoldRule, ...] = (
-    FoldRule("Conv", Side.PRODUCER, scale_conv_output, (1, 2), "folded_into_conv", True),
     FoldRule(
-        "ConvTranspose",
-        Side.PRODUCER,
-        scale_conv_transpose_output,
-        (1, 2),
-        "folded_into_conv_transpose",
-        True,
+        "Conv", Side.PRODUCER, scale_conv_output, (1, 2), "folded_into_conv", _WEIGHT,
+        constant_affines=True,
     ),
-    FoldRule("Gemm", Side.PRODUCER, scale_gemm_output, (1, 2), "folded_into_gemm"),
-    FoldRule("MatMul", Side.PRODUCER, scale_matmul_output, (1,), "folded_into_matmul"),
-    FoldRule("Add", Side.PRODUCER, scale_matmul_output, (), "folded_into_matmul"),  # MatMul+bias
-    FoldRule("Concat", Side.PRODUCER, scale_concat_output, (), "folded_into_concatenated_convs"),
-    FoldRule("Conv", Side.READER, fold_forward_into_conv, (1, 2), "folded_forward_into_conv"),
-    FoldRule("Gemm", Side.READER, fold_forward_into_gemm, (1, 2), "folded_forward_into_gemm"),
-    FoldRule("MatMul", Side.READER, fold_forward_into_matmul, (1,), "folded_forward_into_matmul"),
-    FoldRule("Add", Side.READER, merge_identity_branch, (), "reparameterized_into_conv"),
-)
+    FoldRule(
+        "ConvTranspose", Side.PRODUCER, scale_conv_transpose_output, (1, 2),
+        "folded_into_conv_transpose", _WEIGHT, constant_affines=True,
+    ),
+    FoldRule("Gemm", Side.PRODUCER, scale_gemm_output, (1, 2), "folded_into_gemm", _WEIGHT),
+    FoldRule(
+        "MatMul", Side.PRODUCER, scale_matmul_output, (1,), "folded_into_matmul",
+        "a constant 2-D weight and a rank-2 output",
+    ),
+    FoldRule(
+        "Add", Side.PRODUCER, scale_matmul_output, (), "folded_into_matmul",
+        "Add(MatMul(x, W), bias) with constant W and bias and a rank-2 output",
+    ),
+    FoldRule(
+        "Concat", Side.PRODUCER, scale_concat_output, (), "folded_into_concatenated_convs",
+        "a Concat along axis 1 of Conv outputs that nothing else reads",
+    ),
+    FoldRule(
+        "Conv", Side.READER, fold_forward_into_conv, (1, 2), "folded_forward_into_conv",
+        "a Conv without padding reading it as its data input",
+    ),
+    FoldRule(
+        "Gemm", Side.READER, fold_forward_into_gemm, (1, 2), "folded_forward_into_gemm",
+        "a Gemm without transA reading it as A",
+    ),
+    FoldRule(
+        "MatMul", Side.READER, fold_forward_into_matmul, (1,), "folded_forward_into_matmul",
+        "a MatMul reading a rank-2 input as its first operand",
+    ),
+    FoldRule(
+        "Add", Side.READER, merge_identity_branch, (), "reparameterized_into_conv",
+        "an Add summing it with shape-preserving convs of the same input (RepVGG)",
+    ),
+)  # fmt: skip
 
 # What is left when no rule applies: one exact per-channel Mul+Add (affine_bn).
 REWRITTEN_AS_AFFINE = "rewritten_as_affine"
@@ -67,8 +92,8 @@ REMOVED_BY: tuple[str, ...] = (
 )
 
 
-def rules_for(side: Side) -> tuple[FoldRule, ...]:
-    return tuple(rule for rule in RULES if rule.side is side)
+def producer_rule(op_type: str) -> FoldRule | None:
+    return next((r for r in RULES if r.side is Side.PRODUCER and r.op_type == op_type), None)
 
 
 def parameter_inputs() -> dict[str, tuple[int, ...]]:
