@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .card import ParityRule, Verification
 from .errors import InvalidInputError, VerificationError
@@ -135,7 +136,9 @@ def verify_export(
     measured = reference_float64_rel if reference_float64_rel is not None else reference_rel
     if measured is not None and not measured <= limit:
         failures.append(f"reference.onnx error against the {against} {measured:.3g} > {limit:.3g}")
-    if source_rel is not None and not parity_rel <= limit + source_rel:
+        target = float64_outputs if float64_rel is not None else expected
+        failures.extend(_optimizer_diagnosis(folded, reference, inputs, target, limit))
+    if source_rel is not None and not failures and not parity_rel <= limit + source_rel:
         # Samples past the float64 ones: |onnx - fp64| <= limit implies this bound.
         failures.append(
             f"parity error against the float32 oracle {parity_rel:.3g} > {limit + source_rel:.3g}"
@@ -162,6 +165,35 @@ def verify_export(
             "or parity_tolerance= / --parity-tolerance to accept more"
         )
     return result
+
+
+def _optimizer_diagnosis(folded, reference, inputs, target, limit) -> list[str]:
+    """When reference.onnx (BN intact) fails too, whether ONNX Runtime's graph optimizations
+    are what moves both: then folding is exact and the runtime is at fault (seen on BiT)."""
+    n = len(target[0]) if target else 0
+    try:
+        errors = [
+            _errors(_run_chunked(_unoptimized_session(g), [x[:n] for x in inputs]), target)[1]
+            for g in (folded, reference)
+        ]
+    except Exception:  # the diagnosis is a courtesy: never mask the failure itself
+        return []
+    if not all(e <= limit for e in errors):
+        return []
+    return [
+        "with ONNX Runtime's graph optimizations off (ORT_DISABLE_ALL) both are within the "
+        f"limit (model.onnx {errors[0]:.3g}, reference.onnx {errors[1]:.3g}): ONNX Runtime's "
+        "optimizer, not folding, changes this graph, and serving would see its outputs"
+    ]
+
+
+def _unoptimized_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def parity_limit(
