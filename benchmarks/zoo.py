@@ -171,7 +171,7 @@ def _zoo() -> list[ZooModel]:
             ci=True,
         ),
     ]
-    ci_timm = {"mixnet_s", "repvgg_a0", "lcnet_050", "nf_regnet_b0"}
+    ci_timm = {"mixnet_s", "repvgg_a0", "nf_regnet_b0"}
     timm = [
         ZooModel(f"timm/{name}", _timm(name), ci=name in ci_timm)
         for name in (
