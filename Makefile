@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench gpu-check venv clean system-deps
+.PHONY: run test lint bench gpu-check venv clean system-deps zoo zoo-deps
 
 venv: $(STAMP)
 
@@ -18,6 +18,21 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU build (==2.13.0) in pyproject.toml; never a CUDA build.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The architecture zoo (tests/test_zoo.py, make zoo) needs torchvision and timm. Both go in with
+# --no-deps, so pip never swaps the CPU torch for a CUDA build; their small needs (pillow, pyyaml)
+# and the anchor tools `make zoo` compares against come from pyproject's `zoo` extra.
+# (timm's declared huggingface_hub/safetensors only download weights: not needed here.)
+ZOO_PINS := torchvision==0.28.* timm==1.0.31
+ZOO_STAMP := $(VENV)/.zoo-$(shell echo '$(ZOO_PINS)' | cat - pyproject.toml | sha1sum | cut -c1-12)
+
+zoo-deps: $(ZOO_STAMP)
+
+$(ZOO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[zoo]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach p,$(ZOO_PINS),'$(p)')
+	rm -f $(VENV)/.zoo-*
 	touch $@
 
 run: $(STAMP)
@@ -45,7 +60,7 @@ system-deps:
 	  echo "could not install $(SYSTEM_PACKAGES): their tests will skip"; \
 	else echo "missing some of $(SYSTEM_TOOLS) and cannot install them: their tests will skip"; fi
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(ZOO_STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -63,6 +78,11 @@ bench: $(STAMP)
 # On a machine with an NVIDIA GPU, from a fresh checkout (< 8 min; see README "GPU check").
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py
+
+# Every architecture of the zoo (about 40 torchvision and timm models, ~15 min on 2 quiet cores):
+# exported, checked against PyTorch float64, and compared with the anchor tools. Prints a table.
+zoo: $(ZOO_STAMP)
+	$(BIN)/python -m benchmarks.zoo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -15,6 +15,7 @@ from .fold import REMOVED_BY
 CARD_FORMAT = "bnserve.model-card/1"
 
 Statistics = Literal["running", "recalibrated", "calibrated", "instance"]
+ParityRule = Literal["fixed", "conditioning", "override"]
 
 # How each BN left the graph: the fold-rule table's names, plus the layers exported to
 # normalize each sample with its own statistics (batch_stats="instance"), which no rule folds.
@@ -66,6 +67,26 @@ class Verification(BaseModel):
     parity_rel_error: float = Field(description="max |onnx - oracle| / max |oracle|")
     reference_rel_error: float | None = Field(
         default=None, description="reference.onnx against the PyTorch oracle, same measure"
+    )
+    float64_rel_error: float | None = Field(
+        default=None,
+        description="model.onnx against the PyTorch oracle run in float64 (a float64 copy of "
+        "the model); the measure the parity limit applies to when present",
+    )
+    source_float32_rel_error: float | None = Field(
+        default=None,
+        description="PyTorch float32 eval against float64: the model's own float32 conditioning",
+    )
+    reference_float64_rel_error: float | None = Field(
+        default=None, description="reference.onnx against the float64 oracle"
+    )
+    parity_rule: ParityRule = Field(
+        default="fixed",
+        description="fixed: 1e-4 (float32); conditioning: conditioning_factor x "
+        "source_float32_rel_error, above 1e-4; override: parity_tolerance given at export",
+    )
+    parity_tolerance_override: float | None = Field(
+        default=None, description="the parity_tolerance the exporter asked for, if any"
     )
     batch_independence_rel_error: float = Field(
         description="max |sample alone - sample in batch| / max |output| over checked samples"
@@ -165,6 +186,16 @@ class ModelCard(BaseModel):
     )
 
 
+class ExportTimings(BaseModel):
+    """Seconds per export step (not in model.json: they describe the run, not the model)."""
+
+    oracle: float = Field(0.0, description="PyTorch eval forward, float32 and float64")
+    torch_export: float = Field(0.0, description="torch.onnx export to reference.onnx")
+    fold: float = 0.0
+    verify: float = Field(0.0, description="ONNX Runtime runs of model.onnx and reference.onnx")
+    write: float = 0.0
+
+
 class ExportReport(ModelCard):
     """What `export_model`/`fold_onnx` did: the card as written, plus where and any warnings."""
 
@@ -173,6 +204,7 @@ class ExportReport(ModelCard):
     path: str
     warnings: list[str] = []
     seconds: float
+    timings: ExportTimings = Field(default_factory=ExportTimings)
 
     @property
     def layers(self) -> list[BatchNormLayer]:

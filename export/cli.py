@@ -105,6 +105,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.add_argument("--repository", type=Path, default=Path("models"))
     p.add_argument("--labels", type=Path, help="text file, one class label per line")
+    p.add_argument(
+        "--parity-tolerance",
+        type=float,
+        help="accept parity errors up to this (relative to max |output|) instead of the "
+        "conditioning-aware limit; recorded in model.json",
+    )
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -147,6 +153,7 @@ def _pytorch(args, progress) -> ExportReport:
         calibration=calibration,
         recalibrate=args.recalibrate,
         labels=_labels(args.labels),
+        parity_tolerance=args.parity_tolerance,
         progress=progress,
     )
 
@@ -161,6 +168,7 @@ def _onnx(args, progress) -> ExportReport:
         version=args.version,
         input_shapes=args.input_shape,
         labels=_labels(args.labels),
+        parity_tolerance=args.parity_tolerance,
         progress=progress,
     )
 
@@ -208,10 +216,13 @@ def _summary(console: Console, report: ExportReport) -> None:
     v = report.verification
     checks = Table(title="verification", title_justify="left", show_header=False)
     checks.add_row("oracle", f"{v.oracle} on {v.samples} samples ({v.execution_provider})")
-    checks.add_row(
-        "parity (rel. to max |output|)",
-        f"{v.parity_rel_error:.2e} (limit {v.tolerances['parity_rel_error']:.0e})",
-    )
+    limit = f"limit {v.tolerances['parity_rel_error']:.1e}, {v.parity_rule}"
+    if v.float64_rel_error is None:
+        checks.add_row("parity (rel. to max |output|)", f"{v.parity_rel_error:.2e} ({limit})")
+    else:
+        checks.add_row("parity vs float64 oracle", f"{v.float64_rel_error:.2e} ({limit})")
+        checks.add_row("parity vs float32 oracle", f"{v.parity_rel_error:.2e}")
+        checks.add_row("PyTorch float32 vs float64", f"{v.source_float32_rel_error:.2e}")
     if v.reference_rel_error is not None:
         checks.add_row("reference.onnx vs oracle", f"{v.reference_rel_error:.2e}")
     checks.add_row(

@@ -34,12 +34,14 @@ def fold_onnx(
     input_shapes: list[tuple[int, ...]] | None = None,
     labels: list[str] | None = None,
     description: str | None = None,
+    parity_tolerance: float | None = None,
     progress: Progress = quiet,
 ) -> ExportReport:
     """Fold every BatchNorm of an existing ONNX model and publish it with its reference graph.
 
     Verification feeds random inputs: the batch axis gets 4 samples, other unknown dimensions
-    32, unless `input_shapes` (without the batch axis) says otherwise.
+    32, unless `input_shapes` (without the batch axis) says otherwise. parity_tolerance
+    replaces the fixed parity limit (no float64 oracle for ONNX input: see export/verify.py).
     """
     started = time.perf_counter()
     progress("Reading the ONNX model")
@@ -64,6 +66,7 @@ def fold_onnx(
         reference=reference,
         inputs=inputs,
         oracle_outputs=None,
+        parity_tolerance=parity_tolerance,
         repository=repository,
         name=name,
         version=version,

@@ -17,6 +17,7 @@ from .card import (
     BatchNormLayer,
     ConstantFoldRecord,
     ExportReport,
+    ExportTimings,
     ModelCard,
     Recalibration,
 )
@@ -51,6 +52,9 @@ def publish(
     reference: onnx.ModelProto,
     inputs: list[np.ndarray],
     oracle_outputs: list[np.ndarray] | None,
+    float64_outputs: list[np.ndarray] | None = None,
+    parity_tolerance: float | None = None,
+    timings: ExportTimings | None = None,
     repository,
     name: str,
     version: int | None,
@@ -69,10 +73,22 @@ def publish(
     provenance: Provenance | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> ExportReport:
+    timings = timings or ExportTimings()
     progress("Folding BatchNorm layers")
+    clock = time.perf_counter()
     folded = fold_batch_norms(reference)
+    timings.fold = _since(clock)
     progress("Verifying against the oracle")
-    verification = verify_export(folded.model, reference, inputs, oracle_outputs)
+    clock = time.perf_counter()
+    verification = verify_export(
+        folded.model,
+        reference,
+        inputs,
+        oracle_outputs,
+        float64_outputs=float64_outputs,
+        parity_tolerance=parity_tolerance,
+    )
+    timings.verify = _since(clock)
     verification.source_model_untouched = source_untouched
     layers = [BatchNormLayer(**describe_layer(layer)) for layer in folded.layers]
     layers.extend(extra_layers)
@@ -125,14 +141,21 @@ def publish(
         )
 
     progress("Writing to the model repository")
+    clock = time.perf_counter()
     _chosen, path = write_version(repository, name, version, files, make_card)
+    timings.write = _since(clock)
     card = ModelCard.model_validate_json((path / "model.json").read_bytes())
     return ExportReport(
         **card.model_dump(),
         path=str(path),
         warnings=list(warnings),
         seconds=round(time.perf_counter() - started, 3),
+        timings=timings,
     )
+
+
+def _since(clock: float) -> float:
+    return round(time.perf_counter() - clock, 3)
 
 
 def _sample_request(specs, arrays: list[np.ndarray]) -> bytes:

@@ -1,7 +1,8 @@
 """export_model: a trained PyTorch module -> a verified, BatchNorm-free entry in the repository.
 
 The caller's module is never run, moved or modified: all work happens on a deep copy in eval
-mode, and the caller's training flags and state_dict are compared bit for bit at the end.
+mode (and a float64 copy of that copy for the conditioning-aware oracle, see export/verify.py),
+and the caller's training flags and state_dict are compared bit for bit at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree
 
-from .card import BatchNormLayer, ExportReport
+from .card import BatchNormLayer, ExportReport, ExportTimings
 from .errors import BatchStatisticsError, InvalidInputError
 from .fold import FoldedLayer
 from .publish import Progress, Provenance, publish, quiet
@@ -29,6 +30,7 @@ from .statistics import (
     use_per_sample_statistics,
 )
 from .torch_onnx import default_input_names, default_output_names, to_onnx
+from .verify import FLOAT64_SAMPLES, check_parity_tolerance
 
 BatchStats = Literal["error", "instance", "calibrate"]
 VERIFY_SAMPLES = 256
@@ -50,6 +52,7 @@ def export_model(
     samples: Mapping[str, Any] | None = None,
     serving: dict | None = None,
     description: str | None = None,
+    parity_tolerance: float | None = None,
     progress: Progress = quiet,
     provenance: Provenance | None = None,
     extra_files: Mapping[str, bytes] | None = None,
@@ -62,8 +65,11 @@ def export_model(
     every layer's statistics from `calibration` (PreciseBN). See export/statistics.py.
     provenance and extra_files are for `recalibrate` (export/recalibrate.py): the card's
     recalibration record and files copied into the version as they are.
+    parity_tolerance replaces the conditioning-aware parity limit (export/verify.py).
     """
     started = time.perf_counter()
+    timings = ExportTimings()
+    parity_tolerance = check_parity_tolerance(parity_tolerance)
     if not isinstance(model, torch.nn.Module):
         raise InvalidInputError(f"model is a {type(model).__name__}; expected a torch.nn.Module")
     if batch_stats not in ("error", "instance", "calibrate"):
@@ -112,14 +118,19 @@ def export_model(
         set_population_statistics(work, untracked, batches)
         statistics.update(dict.fromkeys(untracked, "calibrated"))
 
-    progress("Running the PyTorch eval oracle")
+    progress("Running the PyTorch eval oracle (float32 and float64)")
+    clock = time.perf_counter()
     verify_inputs = _verification_inputs(example, batches)
     oracle = _forward(work, verify_inputs, example)
+    oracle64 = _float64_oracle(work, verify_inputs, oracle, notes)
+    timings.oracle = _since(clock)
     input_names = input_names or default_input_names(work, len(example))
     output_names = output_names or default_output_names(len(oracle))
 
     progress("Exporting to ONNX (torch.onnx, dynamic batch)")
+    clock = time.perf_counter()
     reference = to_onnx(work, example, input_names, output_names)
+    timings.torch_export = _since(clock)
     untouched = _same_state(model, snapshot)
     if not untouched:  # the copy shares nothing with the caller; this guards that promise
         raise InvalidInputError("the caller's model changed during export; refusing to publish")
@@ -162,6 +173,9 @@ def export_model(
         reference=reference,
         inputs=[x.numpy() for x in verify_inputs],
         oracle_outputs=oracle,
+        float64_outputs=oracle64,
+        parity_tolerance=parity_tolerance,
+        timings=timings,
         repository=repository,
         name=name,
         version=version,
@@ -227,13 +241,8 @@ def _verification_inputs(example, batches) -> tuple[torch.Tensor, ...]:
 
 def _forward(work, inputs, example) -> list[np.ndarray]:
     """The oracle: the eval-mode copy's outputs, chunked like the verification runs."""
-    outputs: list[list[np.ndarray]] = []
     try:
-        with torch.no_grad():
-            for i in range(0, inputs[0].shape[0], 64):
-                result = work(*(x[i : i + 64] for x in inputs))
-                flat = _pytree.tree_flatten(result)[0]
-                outputs.append([t.detach().cpu().numpy() for t in flat])
+        return _run(work, inputs)
     except InvalidInputError:
         raise
     except Exception as exc:
@@ -243,7 +252,57 @@ def _forward(work, inputs, example) -> list[np.ndarray]:
             f"{str(exc).strip().splitlines()[0][:200]}; expected the shape the model's forward "
             "takes, with a leading batch dimension"
         ) from exc
+
+
+def _run(work, inputs) -> list[np.ndarray]:
+    outputs: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for i in range(0, inputs[0].shape[0], 64):
+            result = work(*(x[i : i + 64] for x in inputs))
+            flat = _pytree.tree_flatten(result)[0]
+            outputs.append([t.detach().cpu().numpy() for t in flat])
     return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+
+
+def _float64_oracle(work, inputs, oracle, notes: list[str]) -> list[np.ndarray] | None:
+    """The eval copy's outputs on the first FLOAT64_SAMPLES inputs, computed in float64 by a
+    float64 copy of the copy (float64 convolutions are slow; export/verify.py says why enough).
+
+    None (with a note) where it cannot be computed: outputs already float64 need no better
+    oracle, and a model may fix float32 inside its forward (a torch.export program, a tensor
+    created with dtype=float32), which float64 inputs cannot change.
+    """
+    if not all(o.dtype in (np.float32, np.float16) for o in oracle) or not all(
+        x.is_floating_point() for x in inputs
+    ):
+        return None
+    try:
+        wide = tuple(x[:FLOAT64_SAMPLES].double() for x in inputs)
+        outputs = _run(copy.deepcopy(work).double(), wide)
+    except Exception as exc:
+        notes.append(
+            "no float64 oracle (the model does not run in float64: "
+            f"{_first_line(exc)}); parity was held to the fixed float32 limit"
+        )
+        return None
+    if [o.shape for o in outputs] != [o[:FLOAT64_SAMPLES].shape for o in oracle] or not all(
+        o.dtype == np.float64 for o in outputs
+    ):
+        notes.append(
+            "no float64 oracle (the model's float64 copy does not return float64 outputs of "
+            "the same shapes); parity was held to the fixed float32 limit"
+        )
+        return None
+    return outputs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _since(clock: float) -> float:
+    return round(time.perf_counter() - clock, 3)
 
 
 def _snapshot(model: torch.nn.Module):

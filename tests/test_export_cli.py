@@ -217,6 +217,10 @@ def _error_cases(base: Path) -> dict[str, tuple[list[str], str]]:
             "do not fit",
         ),
         "unsupported_graph": (["onnx", str(unsupported)], "training_mode=1"),
+        "bad_parity_tolerance": (
+            pytorch("--weights", str(checkpoint), "--parity-tolerance", "-1"),
+            "parity_tolerance=-1.0",
+        ),
     }
 
 
@@ -228,6 +232,7 @@ ERROR_CASES = [
     "wrong_input_shape",
     "weights_do_not_fit",
     "unsupported_graph",
+    "bad_parity_tolerance",
 ]
 
 
