@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from test_stat_drift import BN_NAMES, DriftNet, rel_error
+from test_stat_drift import BN_NAMES, rel_error, trained_drift_net
 
 from export import export_model
 from service.launcher import ServiceProcess
@@ -25,12 +25,7 @@ N = 100  # head_bn (no spatial positions) needs 96 values per channel for a verd
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(3)
-    model = DriftNet().train()
-    with torch.no_grad():
-        for _ in range(5):
-            model(torch.randn(32, 3, 9, 9) * 2 + 1)
-    return model.eval()
+    return trained_drift_net()
 
 
 @pytest.fixture(scope="module")

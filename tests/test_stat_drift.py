@@ -38,14 +38,19 @@ class DriftNet(nn.Module):
 BN_NAMES = ["input_bn", "bn1", "block.2", "head_bn"]
 
 
-@pytest.fixture(scope="module")
-def trained():
+def trained_drift_net() -> DriftNet:
+    """DriftNet with running statistics from a few train-mode passes, in eval mode."""
     torch.manual_seed(3)
     model = DriftNet().train()
     with torch.no_grad():
         for _ in range(5):
             model(torch.randn(32, 3, 9, 9) * 2 + 1)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_drift_net()
 
 
 @pytest.fixture(scope="module")

@@ -52,19 +52,25 @@ class DriftGraph:
         return f"{TAP}batch_output/{output}"
 
 
-def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -> DriftGraph:
-    """layer_names maps BatchNormalization node names to the names users know them by."""
+def copy_for_taps(reference: onnx.ModelProto, feature: str) -> tuple[onnx.ModelProto, int]:
+    """A copy of reference.onnx to add taps to, and its opset; refuses what taps cannot handle."""
     model = onnx.ModelProto.FromString(reference.SerializeToString())
-    graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
-        raise DriftGraphError(f"opset {opset} is too old for the drift graph; expected >= 13")
+        raise DriftGraphError(f"opset {opset} is too old for {feature}; expected >= 13")
     if any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
+        for n in model.graph.node
         for a in n.attribute
     ):
-        raise DriftGraphError("control flow (If/Loop/Scan) is not supported by stat-drift")
+        raise DriftGraphError(f"control flow (If/Loop/Scan) is not supported by {feature}")
+    return model, opset
+
+
+def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -> DriftGraph:
+    """layer_names maps BatchNormalization node names to the names users know them by."""
+    model, opset = copy_for_taps(reference, "stat-drift")
+    graph = model.graph
     shapes = _static_shapes(model)
     builder = _Builder(graph, opset)
     keep = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .graph import DriftGraphError, TappedLayer, _Builder, _epsilon, _static_shapes
+from .graph import DriftGraphError, TappedLayer, _Builder, _epsilon, _static_shapes, copy_for_taps
 
 
 @dataclass
@@ -25,17 +25,8 @@ def build_statistics_graph(
     reference: onnx.ModelProto, layer_names: dict[str, str]
 ) -> StatisticsGraph:
     """layer_names maps BatchNormalization node names to the names users know them by."""
-    model = onnx.ModelProto.FromString(reference.SerializeToString())
+    model, opset = copy_for_taps(reference, "live drift")
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise DriftGraphError(f"opset {opset} is too old for live drift; expected >= 13")
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
-        raise DriftGraphError("control flow (If/Loop/Scan) is not supported by live drift")
     shapes = _static_shapes(model)
     builder = _Builder(graph, opset)
     layers: list[TappedLayer] = []
