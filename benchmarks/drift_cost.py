@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60, help="load per way (all rounds)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rate", type=float, default=Settings().drift_sample_rate)
     parser.add_argument(
         "--stress", action="store_true", help="also every request sampled (under the default cap)"
@@ -82,13 +82,16 @@ def main(argv: list[str] | None = None) -> None:
             run_load(server.url, infer, body, headers, clients=clients, seconds=3, warmup=1)
         rss_before = {way: rss(servers[way, "batching"]) for way in monitoring}
         started = time.monotonic()
-        for _ in range(args.rounds):
-            for way in monitoring:
+        for round_ in range(args.rounds):
+            # Every other round in reverse: no way always follows the same one (a server that
+            # just served 16 clients leaves ORT threads spinning into the next way's start).
+            order = list(monitoring) if round_ % 2 == 0 else list(reversed(monitoring))
+            for way in order:
                 url = servers[way, "batching"].url
                 result = run_load(url, infer, body, headers, clients=args.clients,
                                   seconds=per_round, warmup=0.5)  # fmt: skip
                 throughput[way] = throughput[way].merge(result) if way in throughput else result
-            for way in monitoring:
+            for way in order:
                 url = servers[way, "batch-1"].url
                 result = run_load(url, infer, body, headers, clients=1,
                                   seconds=per_round / 2, warmup=0.5)  # fmt: skip

@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         server.stop()
         bare.stop()
 
-    print(f"\nPer-request overhead, one client, keep-alive, {os.cpu_count()} cores (provisional")
-    print("on a shared machine; blocks take turns, never interleaved call by call)")
+    print(f"\nPer-request overhead, one client, keep-alive, {os.cpu_count()} cores")
+    print("(blocks take turns, never interleaved call by call)")
     print(f"{'way':<28} | {'p50 ms':>8} | {'p99 ms':>8} | {'n':>5}")
     print("-" * 58)
     for way, samples in results.items():

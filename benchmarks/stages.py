@@ -144,7 +144,7 @@ async def run(repository: Path, count: int, rounds: int) -> None:
         }
         medians = await measure(stages, count, rounds)
     shutdown_logging()
-    print(f"\ndigits, one sample, JSON, in process ({count} calls x {rounds} blocks; provisional)")
+    print(f"\ndigits, one sample, JSON, in process ({count} calls x {rounds} blocks)")
     print(f"{'stage':<44} | {'µs / request':>12}")
     print("-" * 60)
     for stage, seconds in medians.items():
