@@ -67,6 +67,33 @@ def copy_for_taps(reference: onnx.ModelProto, feature: str) -> tuple[onnx.ModelP
     return model, opset
 
 
+def tap_input_moments(
+    builder: _Builder, node: onnx.NodeProto, shapes: dict, layer_names: dict[str, str], prefix: str
+) -> TappedLayer:
+    """The BN layer of `node`, with outputs tapping its input's per-channel mean and biased var
+    (`<prefix>mean`, `<prefix>var`), the input's shape and the stored running statistics."""
+    x = node.input[0]
+    shape = shapes.get(x)
+    if shape is None or len(shape) < 2 or shape[1] is None:
+        raise DriftGraphError(f"the input of BatchNormalization '{node.name}' has no known rank")
+    spatial = None if any(d is None for d in shape[2:]) else int(np.prod(shape[2:], dtype=np.int64))
+    layer = TappedLayer(
+        name=layer_names.get(node.name, node.name or x),
+        node=node.name or x,
+        channels=int(shape[1]),
+        epsilon=_epsilon(node),
+        rank=len(shape),
+        spatial=spatial,
+    )
+    mean, var = builder.moments(x, [0, *range(2, layer.rank)], layer.channels)
+    builder.output(mean, layer.tap(f"{prefix}mean"))
+    builder.output(var, layer.tap(f"{prefix}var"))
+    builder.output(builder.node("Shape", [x]), layer.tap("shape"))
+    builder.output(builder.node("Identity", [node.input[3]]), layer.tap("running_mean"))
+    builder.output(builder.node("Identity", [node.input[4]]), layer.tap("running_var"))
+    return layer
+
+
 def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -> DriftGraph:
     """layer_names maps BatchNormalization node names to the names users know them by."""
     model, opset = copy_for_taps(reference, "stat-drift")
@@ -81,31 +108,7 @@ def build_drift_graph(reference: onnx.ModelProto, layer_names: dict[str, str]) -
             continue
         if any(a.name == "training_mode" and a.i == 1 for a in node.attribute):
             raise DriftGraphError(f"BatchNormalization '{node.name}' is in training mode")
-        x = node.input[0]
-        shape = shapes.get(x)
-        if shape is None or len(shape) < 2 or shape[1] is None:
-            raise DriftGraphError(
-                f"the input of BatchNormalization '{node.name}' has no known rank"
-            )
-        spatial = (
-            None if any(d is None for d in shape[2:]) else int(np.prod(shape[2:], dtype=np.int64))
-        )
-        layer = TappedLayer(
-            name=layer_names.get(node.name, node.name or x),
-            node=node.name or x,
-            channels=int(shape[1]),
-            epsilon=_epsilon(node),
-            rank=len(shape),
-            spatial=spatial,
-        )
-        layers.append(layer)
-        axes = [0, *range(2, layer.rank)]
-        mean, var = builder.moments(x, axes, layer.channels)
-        builder.output(mean, layer.tap("global_mean"))
-        builder.output(var, layer.tap("global_var"))
-        builder.output(builder.node("Shape", [x]), layer.tap("shape"))
-        builder.output(builder.node("Identity", [node.input[3]]), layer.tap("running_mean"))
-        builder.output(builder.node("Identity", [node.input[4]]), layer.tap("running_var"))
+        layers.append(tap_input_moments(builder, node, shapes, layer_names, "global_"))
 
     def batch(name: str) -> str:
         return name if name in keep else f"{BATCH}{name}"

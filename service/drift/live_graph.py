@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .graph import DriftGraphError, TappedLayer, _Builder, _epsilon, _static_shapes, copy_for_taps
+from .graph import TappedLayer, _Builder, _static_shapes, copy_for_taps, tap_input_moments
 
 
 @dataclass
@@ -33,27 +33,7 @@ def build_statistics_graph(
     for node in list(graph.node):
         if node.op_type != "BatchNormalization":
             continue
-        x = node.input[0]
-        shape = shapes.get(x)
-        if shape is None or len(shape) < 2 or shape[1] is None:
-            raise DriftGraphError(
-                f"the input of BatchNormalization '{node.name}' has no known rank"
-            )
-        layer = TappedLayer(
-            name=layer_names.get(node.name, node.name or x),
-            node=node.name or x,
-            channels=int(shape[1]),
-            epsilon=_epsilon(node),
-            rank=len(shape),
-            spatial=None,
-        )
-        layers.append(layer)
-        mean, var = builder.moments(x, [0, *range(2, layer.rank)], layer.channels)
-        builder.output(mean, layer.tap("mean"))
-        builder.output(var, layer.tap("var"))
-        builder.output(builder.node("Shape", [x]), layer.tap("shape"))
-        builder.output(builder.node("Identity", [node.input[3]]), layer.tap("running_mean"))
-        builder.output(builder.node("Identity", [node.input[4]]), layer.tap("running_var"))
+        layers.append(tap_input_moments(builder, node, shapes, layer_names, ""))
     del graph.value_info[:]
     del graph.output[:]
     graph.output.extend(builder.outputs)
