@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from benchmarks.resnet import export_benchmark_model
-from benchmarks.serving import binary_body, json_body, percentile
+from benchmarks.serving import binary_body, json_body, percentile, time_calls
 from service.launcher import ROOT, ServiceProcess, free_port
 from service.runtime import SessionFactory
 
@@ -138,12 +138,7 @@ def time_block(call: Callable[[], None], count: int) -> list[float]:
         call()
     except Exception:
         call()
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return samples
+    return time_calls(call, count)
 
 
 def main(argv: list[str] | None = None) -> None:
