@@ -262,24 +262,25 @@ class DataPlane:
         await self.registry.unload(name)
 
     # -- traffic capture (admin token) --------------------------------------------------------
-    def _captures(self) -> CaptureService:
+    def captures(self) -> CaptureService:
+        """The capture service, or 404 when capture is off."""
         if self.capture is None:
             raise NotFound("traffic capture is off: BNSERVE_CAPTURE_DIR is not set")
         self.capture.enabled()
         return self.capture
 
     def capture_start(self, name: str, request: CaptureStartRequest) -> CaptureStatus:
-        service = self._captures()
+        service = self.captures()
         return service.start(self.registry.get(name, request.version), request)
 
     async def capture_stop(self, name: str) -> CaptureStatus:
         """Stop the model's capture; answers once its last shard is on disk (10 s at most)."""
-        capture = self._captures().stop(name)
+        capture = self.captures().stop(name)
         await asyncio.to_thread(capture.wait, 10.0)
         return capture.status()
 
     def capture_status(self, name: str) -> CaptureStatus:
-        return self._captures().last(name).status()
+        return self.captures().last(name).status()
 
 
 def max_batch_size(model: LoadedModel, max_request_bytes: int) -> int:

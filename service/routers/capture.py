@@ -43,8 +43,7 @@ async def _start_request(request: Request) -> CaptureStartRequest:
 async def start(model_name: str, request: Request, s: ServicesDep) -> CaptureStatus:
     """Start storing this model's request inputs (latest ready version unless `version`),
     until stopped or a bound (max_samples, max_bytes) is reached."""
-    if s.capture is not None:
-        s.capture.enabled()  # 404 "capture is off" before a body error
+    s.captures()  # 404 "capture is off" before a body error
     return s.capture_start(model_name, await _start_request(request))
 
 
