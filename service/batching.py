@@ -10,7 +10,7 @@ shapes agree are batched together. With max_batch_size <= 1 each request runs al
 The direct path: with batching off, an empty queue and a free slot there is nothing to wait
 for or to batch with, so a request runs at once, without the queue and the worker task (same
 checks, same statistics). A model whose session.run is measured to take less than
-`inline_run_us` per sample (an average of its own run times, not counting the thread hop) runs
+`inline_run_us` per sample (the least of its recent run times, not counting the thread hop) runs
 on the event loop itself: handing ~50 µs of work to a thread costs several times that.
 
 Batching preserves deterministic eval mode: ONNX Runtime computes each sample's rows the same
@@ -65,6 +65,9 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+RUN_WINDOW = 32  # recent runs the inline decision looks at
+
+
 class BatchScheduler:
     def __init__(
         self,
@@ -90,7 +93,11 @@ class BatchScheduler:
         self._busy = 0  # batches running now (worker tasks, direct runs)
         self._slots = max(config.workers, 1)
         self._recent_batch_seconds = 0.05
-        # Average seconds of session.run per sample, measured around the call itself.
+        # session.run seconds per sample over the last runs, measured around the call itself.
+        # Their minimum, not their mean: a run on the model's thread is timed until that thread
+        # holds the GIL again, so the event loop's (or the log writer's) work while it ran only
+        # ever adds to it, and an average would keep a tiny model off the loop for good.
+        self._recent_runs: deque[float] = deque(maxlen=RUN_WINDOW)
         self.run_seconds_per_sample: float | None = None
 
     def full(self) -> Unavailable | None:
@@ -142,11 +149,8 @@ class BatchScheduler:
         return outputs, started, time.perf_counter() - started
 
     def _measured(self, run_seconds: float, samples: int) -> None:
-        per_sample = run_seconds / max(samples, 1)
-        previous = self.run_seconds_per_sample
-        self.run_seconds_per_sample = (
-            per_sample if previous is None else 0.8 * previous + 0.2 * per_sample
-        )
+        self._recent_runs.append(run_seconds / max(samples, 1))
+        self.run_seconds_per_sample = min(self._recent_runs)
 
     def _release(self) -> None:
         self._busy -= 1

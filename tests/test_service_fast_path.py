@@ -156,3 +156,25 @@ def test_inline_runs_are_bitwise_equal_and_batch_independent(demo_repository, di
     finally:
         inline.__exit__(None, None, None)
         threaded.__exit__(None, None, None)
+
+
+def test_inline_decision_ignores_runs_slowed_by_waiting_for_the_gil():
+    """A run on the model's thread is timed until that thread holds the GIL again, so a busy
+    event loop inflates it; the decision takes the least of recent runs, so one cold first run
+    and GIL-delayed thread runs do not keep a 40 µs model off the loop for good."""
+    from service.batching import RUN_WINDOW, BatchingConfig, BatchScheduler
+    from service.metrics import Metrics
+
+    scheduler = BatchScheduler(
+        "m", run=None, executor=None, config=BatchingConfig(inline_run_us=100), metrics=Metrics()
+    )
+    assert not scheduler.inline(1)  # never measured: the first run goes to the thread
+    scheduler._measured(5e-3, 1)  # cold first run: allocation, kernel selection
+    assert not scheduler.inline(1)
+    for seconds in (400e-6, 40e-6, 900e-6, 350e-6):  # thread runs, some waiting for the GIL
+        scheduler._measured(seconds, 1)
+    assert scheduler.inline(1)  # 40 µs a sample
+    assert not scheduler.inline(4)
+    for _ in range(RUN_WINDOW):  # the model really got slower: the window forgets 40 µs
+        scheduler._measured(300e-6, 2)
+    assert not scheduler.inline(1)
