@@ -7,25 +7,42 @@ counted (`bnserve_log_records_dropped_total`) instead of freezing requests, heal
 SIGTERM handling. The writer writes to its own duplicate of stderr's file descriptor: a thread
 blocked inside `sys.stderr.write` would hold that stream's lock, and interpreter shutdown, which
 flushes sys.stderr, would then abort ("could not acquire lock ... at interpreter shutdown").
+
+The access log, one line per request, has a cheaper way onto the queue (`log_access`): the
+event loop stores the call's figures and the writer makes and formats the record, the same
+record `logging` would have made. Building a LogRecord on the loop cost ~10 µs a request.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import io
+import itertools
 import logging
 import os
-import queue
+import secrets
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# Request ids: 16 random hex digits per process, then a counter: unique across restarts and
+# replicas like a uuid4's 32 hex digits, at a tenth of the cost (no os.urandom per request).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "request_id", "taskName"
@@ -89,13 +106,12 @@ def dropped_records() -> int:
 
 
 class QueueingHandler(logging.Handler):
-    """Puts records on a bounded queue for a `LogWriter`; never waits. Formatting (message
+    """Puts records on a `LogWriter`'s bounded queue; never waits. Formatting (message
     arguments, JSON, timestamps) happens on the writer thread, off the event loop."""
 
-    def __init__(self, records: queue.Queue, dropped: DropCounter = DROPPED) -> None:
+    def __init__(self, put: Callable[[object], None]) -> None:
         super().__init__()
-        self.records = records
-        self.dropped = dropped
+        self.put = put
 
     def handle(self, record: logging.LogRecord) -> bool:
         # No handler lock: the queue is thread-safe, and the lock is a cost on every request.
@@ -106,10 +122,46 @@ class QueueingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         record.request_id = request_id.get()
-        try:
-            self.records.put_nowait(record)
-        except queue.Full:
-            self.dropped.add()
+        self.put(record)
+
+
+ACCESS_LOGGER = "bnserve.access"
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+@dataclass(slots=True)
+class AccessEntry:
+    """One finished call as the event loop saw it; the writer makes its log record."""
+
+    created: float  # time.time() when the call finished
+    request_id: str | None
+    method: str
+    path: str
+    code: int | str  # an HTTP status, or a gRPC status name
+    duration_ms: float
+
+    def record(self) -> logging.LogRecord:
+        """The record `log.info("%s %s %s", method, path, code, extra=...)` would have made."""
+        arguments = (self.method, self.path, self.code)
+        record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, "%s %s %s", arguments, None)
+        record.created = self.created
+        record.msecs = int((self.created - int(self.created)) * 1000) + 0.0
+        key = "status" if isinstance(self.code, int) else "grpc_code"
+        extra = {key: self.code, "duration_ms": self.duration_ms, "path": self.path}
+        record.__dict__.update(extra, method=self.method, request_id=self.request_id)
+        return record
+
+
+def log_access(method: str, path: str, code: int | str, seconds: float) -> None:
+    """The access-log line of one finished call (INFO on the `bnserve.access` logger)."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    entry = AccessEntry(time.time(), request_id.get(), method, path, code, round(seconds * 1000, 3))
+    writer = _writer
+    if writer is None:  # logging not configured by bnserve (a library user's handlers)
+        _access.handle(entry.record())
+    else:
+        writer.put(entry)
 
 
 def fd_sink(fd: int) -> Callable[[bytes], None]:
@@ -152,10 +204,20 @@ class LogWriter:
         self.formatter = formatter
         self.sink = sink
         self.dropped = dropped
-        self.records: queue.Queue = queue.Queue(maxsize=capacity)
-        self.handler = QueueingHandler(self.records, dropped)
+        self.capacity = capacity
+        # A deque, not a queue.Queue: append and popleft are atomic, and the writer polls, so
+        # no lock or condition is needed on the event loop's side (~0.1 µs, not ~2 µs).
+        self.records: deque[logging.LogRecord | AccessEntry] = deque()
+        self.handler = QueueingHandler(self.put)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bnserve-log-writer", daemon=True)
+
+    def put(self, item: logging.LogRecord | AccessEntry) -> None:
+        """Queue a record, or drop and count it when `capacity` are waiting; never blocks."""
+        if len(self.records) >= self.capacity:
+            self.dropped.add()
+        else:
+            self.records.append(item)
 
     def start(self) -> LogWriter:
         self._thread.start()
@@ -166,7 +228,7 @@ class LogWriter:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        return not self._thread.is_alive() and self.records.empty()
+        return not self._thread.is_alive() and not self.records
 
     def _run(self) -> None:
         while True:
@@ -179,9 +241,10 @@ class LogWriter:
 
     def _write_batch(self) -> bool:
         lines = []
-        with contextlib.suppress(queue.Empty):
-            while len(lines) < BATCH:
-                lines.append(self._format(self.records.get_nowait()))
+        records = self.records
+        while records and len(lines) < BATCH:
+            item = records.popleft()
+            lines.append(self._format(item if type(item) is not AccessEntry else item.record()))
         if not lines:
             return False
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")

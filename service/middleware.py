@@ -10,7 +10,6 @@ routers.infer.InferRoute) instead of through FastAPI's routing: same checks, sam
 from __future__ import annotations
 
 import re
-import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +17,7 @@ import orjson
 
 from .dataplane.observe import CallObserver, too_large
 from .errors import ServiceError
-from .logs import request_id
+from .logs import new_request_id, request_id
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 INFERENCE_PATH = re.compile(
@@ -60,7 +59,7 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         supplied = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
+        rid = supplied if _SAFE_ID.match(supplied) else new_request_id()
         token = request_id.set(rid)
         started = self.observer.started()
         status = [500]

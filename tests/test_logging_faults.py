@@ -15,6 +15,7 @@ import threading
 import time
 
 import orjson
+import pytest
 
 from service import logs
 from service.launcher import ROOT, free_port
@@ -189,3 +190,32 @@ def test_exceptions_are_formatted_on_the_writer_with_their_traceback():
     line = orjson.loads(b"".join(written))
     assert line["message"] == "unhandled error"
     assert "ValueError: bad tensor" in line["exception"]
+
+
+@pytest.mark.parametrize("code", [200, "INVALID_ARGUMENT"])
+def test_access_entries_make_the_record_logging_would_have_made(code):
+    """log_access skips LogRecord on the event loop; the writer's line must be the one
+    `logger.info(..., extra=...)` through the handler gives, for both formats."""
+    made: list[logging.LogRecord] = []
+    logger = logging.getLogger("bnserve.access.oracle")
+    handler = logs.QueueingHandler(made.append)
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    token = logs.request_id.set("req-7")
+    try:
+        key = "status" if isinstance(code, int) else "grpc_code"
+        extra = {key: code, "duration_ms": 0.412, "path": "/v2/models/m/infer", "method": "POST"}
+        logger.info("%s %s %s", "POST", "/v2/models/m/infer", code, extra=extra)
+        entry = logs.AccessEntry(
+            made[0].created, "req-7", "POST", "/v2/models/m/infer", code, 0.412
+        )
+    finally:
+        logs.request_id.reset(token)
+        logger.removeHandler(handler)
+    oracle = made[0]
+    oracle.name = logs.ACCESS_LOGGER
+    ours = entry.record()
+    json_formatter = logs.JsonFormatter()
+    assert orjson.loads(json_formatter.format(ours)) == orjson.loads(json_formatter.format(oracle))
+    assert logs.TextFormatter().format(ours) == logs.TextFormatter().format(oracle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import httpx
 import numpy as np
@@ -143,6 +144,23 @@ def test_request_id_header_is_echoed(digits_server):
     assert response.headers["x-request-id"] == "trace-42"
     generated = httpx.get(f"{digits_server.url}/v2").headers["x-request-id"]
     assert len(generated) == 32
+    assert generated != httpx.get(f"{digits_server.url}/v2").headers["x-request-id"]
+
+
+def test_access_log_line_carries_the_request_id_status_and_duration(digits_server):
+    httpx.get(f"{digits_server.url}/v2/models/digits", headers={"x-request-id": "trace-77"})
+    deadline = time.monotonic() + 5
+    while True:  # the background writer writes within its poll interval
+        lines = [orjson.loads(line) for line in digits_server.output().splitlines()
+                 if line.startswith("{") and "trace-77" in line]  # fmt: skip
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    (line,) = lines
+    assert line["logger"] == "bnserve.access"
+    assert line["message"] == "GET /v2/models/digits 200"
+    assert (line["status"], line["method"], line["path"]) == (200, "GET", "/v2/models/digits")
+    assert 0 < line["duration_ms"] < 5000
 
 
 def test_metrics_count_requests_and_batch_sizes(digits_server, client, digits_samples):

@@ -4,14 +4,12 @@ middleware and the gRPC servicer both report through here, so a call counts the 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
 from ..errors import PayloadTooLarge
+from ..logs import log_access
 from ..metrics import Metrics
-
-log = logging.getLogger("bnserve.access")
 
 
 class CallObserver:
@@ -35,13 +33,7 @@ class CallObserver:
         label = model if not model or self.known_model(model) else "unknown"
         self.requests.labels(endpoint, label, str(code)).inc()
         self.latency.labels(endpoint, label).observe(elapsed)
-        if log.isEnabledFor(logging.INFO):
-            key = "status" if isinstance(code, int) else "grpc_code"
-            log.info(
-                "%s %s %s", method, path, code,
-                extra={key: code, "duration_ms": round(elapsed * 1000, 3),
-                       "path": path, "method": method},
-            )  # fmt: skip
+        log_access(method, path, code, elapsed)
         return elapsed
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -19,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ... import errors
 from ...dataplane.plane import DataPlane
-from ...logs import request_id
+from ...logs import new_request_id, request_id
 from . import bnserve_inference_pb2 as pb
 from .codec import decode_infer, encode_infer, from_model
 
@@ -81,7 +80,7 @@ class Servicer:
             for key, value in context.invocation_metadata() or ():
                 if key == "x-request-id":
                     supplied = value
-            rid = supplied if _SAFE_ID.match(supplied) else uuid.uuid4().hex
+            rid = supplied if _SAFE_ID.match(supplied) else new_request_id()
             token = request_id.set(rid)
             code, message, model = grpc.StatusCode.OK, "", ""
             try:
