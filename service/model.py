@@ -7,7 +7,6 @@ the last of them is done.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -133,19 +132,21 @@ class LoadedModel:
             observe(tensors, size)
         return await self.scheduler.submit(tensors, size, timing)
 
-    @contextlib.contextmanager
-    def use(self):
-        """Hold this version for one request; a retired version closes after its last user."""
+    def use(self) -> _InUse:
+        """Hold this version for one request (`with model.use():`); a retired version closes
+        after its last user."""
+        return _InUse(self)
+
+    def _enter(self) -> None:
         with self._lock:
             self._users += 1
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._users -= 1
-                close = self._retired and self._users == 0
-            if close:
-                self._close()
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self._close()
 
     def retire(self) -> None:
         with self._lock:
@@ -163,3 +164,20 @@ class LoadedModel:
             self.monitor.close()
         for closer in self.on_close:
             closer()
+
+
+class _InUse:
+    """`LoadedModel.use()`: a plain context manager, not a generator one (a request pays it
+    on every call)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def __enter__(self) -> LoadedModel:
+        self.model._enter()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model._exit()

@@ -8,7 +8,6 @@ the run (504 past the timeout). Every outcome lands in the model's Triton statis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import numpy as np
@@ -94,17 +93,13 @@ class InferenceService:
             f"(BNSERVE_MAX_CONCURRENCY={self.settings.max_concurrency}); retry later"
         )
 
-    @contextlib.contextmanager
-    def admitted(self, model: LoadedModel):
-        """Admission for one request: bounded in-flight count across all models."""
+    def admitted(self, model: LoadedModel) -> _Admitted:
+        """Admission for one request (`with inference.admitted(model):`): a bounded in-flight
+        count across all models; 503 past BNSERVE_MAX_CONCURRENCY."""
         if self.in_flight >= self.settings.max_concurrency:
             self.metrics.rejected.labels(model.name, "concurrency").inc()
             raise self._too_many()
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+        return _Admitted(self)
 
     async def within_timeout(self, model: LoadedModel, work, what: str = "inference"):
         try:
@@ -151,3 +146,19 @@ def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.nda
             cells.append(f"{float(row[index]):f}:{int(index)}{label}".encode())
         rows.append(cells)
     return np.array(rows, dtype=np.object_).reshape((*scores.shape[:-1], k))
+
+
+class _Admitted:
+    """One admitted request's hold on the in-flight count (a plain context manager: cheaper
+    per request than a generator one)."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    def __enter__(self) -> None:
+        self.service.in_flight += 1
+
+    def __exit__(self, *exc) -> None:
+        self.service.in_flight -= 1
