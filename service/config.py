@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     drift_max_samples_per_s: float = Field(
         20.0, ge=0, description="live drift: cap on sampled samples per second; 0 = no cap"
     )
+    # 2 % of one core: with the monitor at nice 19, its share of a saturated machine's
+    # throughput is at most this over the core count, inside the 3 % target even on one core.
+    drift_max_cpu: float = Field(
+        0.02, ge=0, le=1,
+        description="live drift: CPU budget of the monitor, share of one core; 0 = unbounded",
+    )  # fmt: skip
     drift_window: float = Field(60.0, gt=0, description="live drift: seconds per window")
     drift_history: int = Field(30, ge=0, description="live drift: closed windows kept")
     capture_dir: Path | None = Field(

@@ -50,7 +50,7 @@ def drift_loop(repository: str, url: str) -> list[str]:
         "  # live drift ok again, accuracy before/after. Serve with capture on and every",
         "  # request sampled (capture stores request inputs):",
         "  #   BNSERVE_CAPTURE_DIR=captures BNSERVE_DRIFT_SAMPLE_RATE=1 "
-        "BNSERVE_DRIFT_MAX_SAMPLES_PER_S=0 make run",
+        "BNSERVE_DRIFT_MAX_SAMPLES_PER_S=0 BNSERVE_DRIFT_MAX_CPU=0 make run",
         f"  .venv/bin/python -m export.drift_demo --url {url} --repository {repository} "
         "--capture-dir captures",
     ]

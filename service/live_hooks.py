@@ -22,6 +22,7 @@ def live_hooks(
         window_seconds=settings.drift_window,
         history=settings.drift_history,
         thresholds=Thresholds(warn=settings.drift_warn, drift=settings.drift_alert),
+        max_cpu=settings.drift_max_cpu,
     )
     capture = CaptureService(settings)
     hooks = [attach_monitor(factory, config, DriftMetrics(metrics.registry)), capture.attach]

@@ -25,6 +25,7 @@ def demo_run(demo_repository, tmp_path_factory):
         "BNSERVE_CAPTURE_DIR": str(captures),
         "BNSERVE_DRIFT_SAMPLE_RATE": "1",
         "BNSERVE_DRIFT_MAX_SAMPLES_PER_S": "0",
+        "BNSERVE_DRIFT_MAX_CPU": "0",
         "BNSERVE_ADMIN_TOKEN": ADMIN_TOKEN,
     }
     with ServiceProcess(repository, env=env) as server:

@@ -40,6 +40,7 @@ def monitored(repository, **env):
         "BNSERVE_DEBUG_TOKEN": TOKEN,
         "BNSERVE_DRIFT_SAMPLE_RATE": "1",
         "BNSERVE_DRIFT_MAX_SAMPLES_PER_S": "0",
+        "BNSERVE_DRIFT_MAX_CPU": "0",
         "BNSERVE_DRIFT_WINDOW": "3600",
         **env,
     }
@@ -208,6 +209,28 @@ def test_a_fresh_window_is_insufficient_and_says_how_many_samples_it_needs(serve
     assert verdicts["head_bn"] == "insufficient"
     assert verdicts["input_bn"] != "insufficient"
     assert current["summary"]["samples_needed"] == 93
+
+
+def test_the_cpu_budget_skips_samples_and_bounds_the_monitors_time(repository):
+    # 0.1 % of a core banks 10 ms: a few runs, then sampled requests are skipped and counted.
+    with monitored(repository, BNSERVE_DRIFT_MAX_CPU="0.001") as process:
+        x = np.ones((1, 3, 9, 9), np.float32)
+        started = time.monotonic()
+        for _ in range(200):
+            infer(process.url, x)
+        time.sleep(1.5)  # the monitor thread runs or skips what is still queued
+        elapsed = time.monotonic() - started
+        monitor = live(process.url)["monitor"]
+        assert monitor["max_cpu"] == 0.001
+        assert monitor["sampled_requests"] == 200
+        assert 0 < monitor["skipped_requests"] < 200
+        assert monitor["pending_samples"] == 0
+        # share x (elapsed + banked 10 s), plus the run and the gauge refresh that overdraw it
+        assert monitor["monitor_seconds"] <= 0.001 * (elapsed + 10) + 0.05
+        metrics = httpx.get(f"{process.url}/metrics").text
+        assert _metric(
+            metrics, 'bnserve_drift_skipped_requests_total{model="net",version="1"}'
+        ) == float(monitor["skipped_requests"])
 
 
 def test_windows_roll_into_history_and_are_sampled_within_the_cap(repository):

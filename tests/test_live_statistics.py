@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.drift.live import Moments, WindowedStatistics
+from service.drift.monitor import CPU_BURST_SECONDS, CpuBudget
 
 
 @settings(max_examples=60, deadline=None)
@@ -67,3 +68,19 @@ def test_windows_roll_keep_their_history_and_reset():
     assert current.start == 1046.5
     assert len(history) == 2  # at most `history` kept, oldest dropped
     assert history[-1].end == 1046.5
+
+
+def test_the_cpu_budget_banks_its_share_and_pauses_until_a_debt_is_repaid():
+    clock = Clock()
+    budget = CpuBudget(0.02, clock=clock)
+    assert budget.allows()  # starts with the banked burst: 0.02 x 10 s = 0.2 s
+    budget.spend(0.5)  # one long run overdraws it by 0.3 s ...
+    clock.now += 14.9
+    assert not budget.allows()  # ... repaid at 0.02 s per second: 15 s
+    clock.now += 0.2
+    assert budget.allows()
+    clock.now += 1000  # idle time banks at most the burst
+    assert budget.allows()
+    budget.spend(0.02 * CPU_BURST_SECONDS)
+    assert not budget.allows()
+    assert CpuBudget(0.0, clock=clock).allows()  # 0: unbounded

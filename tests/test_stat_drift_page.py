@@ -90,6 +90,7 @@ def live_server(demo_repository):
     env = {
         "BNSERVE_DRIFT_SAMPLE_RATE": "1",
         "BNSERVE_DRIFT_MAX_SAMPLES_PER_S": "0",
+        "BNSERVE_DRIFT_MAX_CPU": "0",
         "BNSERVE_DRIFT_WINDOW": "2",
         "BNSERVE_DRIFT_HISTORY": "20",
     }

@@ -41,6 +41,12 @@ class DriftMetrics:
             "Sampled requests dropped because the monitor's queue was full",
             ["model", "version"], registry=r,
         )  # fmt: skip
+        self.skipped = Counter(
+            "bnserve_drift_skipped_requests_total",
+            "Sampled requests skipped because the monitor was over its CPU budget "
+            "(BNSERVE_DRIFT_MAX_CPU)",
+            ["model", "version"], registry=r,
+        )  # fmt: skip
         self.seconds = Counter(
             "bnserve_drift_monitor_seconds_total",
             "Thread CPU seconds spent computing live drift statistics",
@@ -61,6 +67,7 @@ class BoundDriftMetrics:
         labels = (self.model, self.version)
         self.sampled = self.parent.sampled.labels(*labels)
         self.dropped = self.parent.dropped.labels(*labels)
+        self.skipped = self.parent.skipped.labels(*labels)
         self.seconds = self.parent.seconds.labels(*labels)
         self.layers: set[str] = set()
 
@@ -78,7 +85,8 @@ class BoundDriftMetrics:
 
     def remove(self) -> None:
         labels = (self.model, self.version)
-        for metric in (self.parent.verdict, self.parent.sampled, self.parent.dropped):
+        parent = self.parent
+        for metric in (parent.verdict, parent.sampled, parent.dropped, parent.skipped):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
         with contextlib.suppress(KeyError):

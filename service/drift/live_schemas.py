@@ -69,6 +69,10 @@ class LiveMonitorStatus(BaseModel):
     dropped_requests: int = Field(
         description="sampled requests dropped because the monitor's queue was full"
     )
+    max_cpu: float = Field(description="BNSERVE_DRIFT_MAX_CPU: CPU budget, share of one core")
+    skipped_requests: int = Field(
+        description="sampled requests skipped because the monitor was over its CPU budget"
+    )
     pending_samples: int = Field(description="samples queued, not yet merged")
     monitor_seconds: float = Field(description="thread time spent computing statistics")
 

@@ -6,6 +6,8 @@ and unchanged, to a bounded queue. A daemon thread at the lowest CPU priority (n
 the live statistics graph on it with a one-thread ONNX Runtime session and merges the
 per-channel moments into the current window. When the queue is full the sample is dropped and
 counted, so the serving path never waits; the served session and its outputs are untouched.
+The monitor's CPU is bounded by BNSERVE_DRIFT_MAX_CPU (a share of one core, CpuBudget): over
+it, samples are skipped and counted, so its cost stays bounded however heavy the traffic.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ from .live_schemas import LiveDriftResponse, LiveMonitorStatus, LiveWindow
 
 log = logging.getLogger("bnserve.drift.live")
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # bounded memory: sampled inputs waiting for the thread
-MAX_RUN_SAMPLES = 4  # samples per statistics run (its activations are allocated per run)
+# One sample per statistics run: every run has the one shape the warm-up sized the session's
+# memory arena for at load, so the monitor's memory does not grow while serving.
+MAX_RUN_SAMPLES = 1
 GAUGE_INTERVAL = 1.0  # seconds between Prometheus gauge refreshes
+CPU_BURST_SECONDS = 10.0  # the CPU budget may bank this many seconds' worth of its share
 
 
 @dataclass(frozen=True)
@@ -46,17 +51,30 @@ class MonitorConfig:
     window_seconds: float
     history: int
     thresholds: Thresholds
+    max_cpu: float = 0.0  # share of one core; 0 = unbounded
 
 
-class _MonitorSessions(SessionFactory):
-    """One intra-op thread, so a run stays on the monitor's low-priority thread; no memory
-    arena, so a run's activations are freed after it instead of staying reserved (a resident
-    arena would be the monitor's largest memory cost)."""
+class CpuBudget:
+    """A token bucket of CPU seconds: `share` of a second accrues per wall-clock second, up
+    to CPU_BURST_SECONDS' worth, and every monitor run spends its measured thread time. While
+    the balance is not positive the monitor skips samples, so over any span of T seconds it
+    uses at most share * (T + CPU_BURST_SECONDS) plus one run. share 0: unbounded."""
 
-    def options(self, threads: int | None = None):
-        options = super().options(threads)
-        options.enable_cpu_mem_arena = False
-        return options
+    def __init__(self, share: float, clock=time.monotonic) -> None:
+        self.share, self.clock = share, clock
+        self.balance, self.last = share * CPU_BURST_SECONDS, clock()
+
+    def spend(self, seconds: float) -> None:
+        self.balance -= seconds
+
+    def allows(self) -> bool:
+        if self.share <= 0:
+            return True
+        now = self.clock()
+        refill = (now - self.last) * self.share
+        self.balance = min(self.share * CPU_BURST_SECONDS, self.balance + refill)
+        self.last = now
+        return self.balance > 0
 
 
 class Sampler:
@@ -95,7 +113,12 @@ class LiveMonitor:
         graph = build_statistics_graph(reference, names)
         if not graph.layers:
             raise DriftGraphError("the model has no BatchNorm layers to monitor")
-        sessions = _MonitorSessions(factory.providers, factory.device_id, intra_op_threads=1)
+        # One intra-op thread: a run stays on the monitor's low-priority thread. The session
+        # keeps ONNX Runtime's memory arena, which the warm-up sizes at load for a run of
+        # MAX_RUN_SAMPLES; later runs reuse it. (Without the arena every run mallocs and frees
+        # its activations and the C allocator keeps and regrows them unpredictably: the
+        # server's RSS moved by up to +50 MiB between snapshots at 10x the default rate.)
+        sessions = SessionFactory(factory.providers, factory.device_id, intra_op_threads=1)
         self.session = sessions.create(graph.model.SerializeToString())
         self.layers = graph.layers
         self.references: list[LayerReference] | None = None
@@ -103,9 +126,12 @@ class LiveMonitor:
             [layer.channels for layer in graph.layers], config.window_seconds, config.history
         )
         self.sampler = Sampler(config.sample_rate, config.max_samples_per_s)
+        self.budget = CpuBudget(config.max_cpu)
+        self.over_budget = False  # set by the monitor thread, read on the request path
         self.queue: deque[tuple[dict[str, np.ndarray], int]] = deque()
         self.queued_samples = self.queued_bytes = 0
         self.sampled = self.dropped = 0
+        self.skipped = self.skipped_queued = 0  # over the CPU budget: on the loop / the thread
         self.seconds = 0.0
         self._wake = threading.Condition()
         self._closed = False
@@ -133,10 +159,14 @@ class LiveMonitor:
         take = self.sampler.take(size)
         if take <= 0:
             return
-        if take < size:
-            tensors = {k: v[:take] for k, v in tensors.items()}
         self.sampled += 1
         self.metrics.sampled.inc()
+        if self.over_budget:
+            self.skipped += 1
+            self.metrics.skipped.inc()
+            return
+        if take < size:
+            tensors = {k: v[:take] for k, v in tensors.items()}
         nbytes = sum(t.nbytes for t in tensors.values())
         if self.queued_bytes + nbytes > MAX_QUEUED_BYTES or self._closed:
             self.dropped += 1
@@ -170,22 +200,27 @@ class LiveMonitor:
                 if self._closed:
                     return
                 batch = self._take()
-            if batch:
+            if batch and not self.budget.allows():
+                self.skipped_queued += len(batch)  # queued before the budget ran out
+                self.metrics.skipped.inc(len(batch))
+            elif batch:
                 started = time.thread_time()
                 try:
                     self._merge(batch)
                 except Exception:  # a sample the graph cannot run must not stop monitoring
                     log.exception("live drift: statistics run failed for %s", self.name)
-                spent = time.thread_time() - started
-                self.seconds += spent
-                self.metrics.seconds.inc(spent)
+                self._spent(time.thread_time() - started)
             if time.monotonic() - last_gauges >= GAUGE_INTERVAL:
                 last_gauges = time.monotonic()
                 started = time.thread_time()
                 self._update_gauges()
-                spent = time.thread_time() - started
-                self.seconds += spent
-                self.metrics.seconds.inc(spent)
+                self._spent(time.thread_time() - started)
+            self.over_budget = not self.budget.allows()
+
+    def _spent(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.metrics.seconds.inc(seconds)
+        self.budget.spend(seconds)
 
     def _take(self) -> list[tuple[dict[str, np.ndarray], int]]:
         """Queued requests of one shape, up to MAX_RUN_SAMPLES samples (at least one)."""
@@ -238,12 +273,12 @@ class LiveMonitor:
         return per_layer
 
     def _warm_up(self, inputs) -> None:
-        """Runs on zeros at load, at the largest run size: proves the graph runs, reads the
-        stored statistics, and makes the runs' allocations part of loading, not of serving."""
+        """Runs on zeros at load, at the run size: proves the graph runs, reads the stored
+        statistics, and sizes the session's arena, so the runs' memory is made at load."""
         shapes = {i.name: i.shape for i in inputs}
         if any(d < 0 for shape in shapes.values() for d in shape[1:]):
             return  # dynamic sizes: the first sampled request does this
-        for size in (1, MAX_RUN_SAMPLES):
+        for size in sorted({1, MAX_RUN_SAMPLES}):
             tensors = {
                 i.name: np.zeros([size, *i.shape[1:]], numpy_dtype(i.datatype)) for i in inputs
             }
@@ -308,6 +343,8 @@ class LiveMonitor:
             history_windows=self.config.history,
             sampled_requests=self.sampled,
             dropped_requests=self.dropped,
+            max_cpu=self.config.max_cpu,
+            skipped_requests=self.skipped + self.skipped_queued,
             pending_samples=self.queued_samples,
             monitor_seconds=self.seconds,
         )
