@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     )
     drift_alert: float = Field(0.5, gt=0, description="stat-drift: drift at this layer score")
     # -- live drift monitoring and traffic capture (issue 10) --
-    # 0.5 %: one sampled ResNet-18 image costs the low-priority monitor ~60 ms of CPU on 2
-    # cores; at 1 % batch-1 p50 rose 3 %, at 0.5 % the cost stays inside the 2 % target.
+    # 0.5 %: one sampled ResNet-18 image costs the low-priority monitor ~60 ms of CPU, so at
+    # this rate it uses under 1 % of a core (benchmarks.drift_cost); drift_max_cpu bounds it
+    # whatever the traffic. A 60 s window of 50 requests/s still pools ~15 samples.
     drift_sample_rate: float = Field(
         0.005, ge=0, le=1, description="live drift: share of requests sampled; 0 = off"
     )
