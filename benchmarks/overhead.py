@@ -4,7 +4,9 @@
   v2 JSON body (benchmarks/bare_asgi.py);
 - digits demo model, one sample: bnserve with JSON and with binary tensors;
 - ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
-  tritonclient.http (and through http.client with a pre-encoded body) vs JSON.
+  tritonclient.http (and through http.client with a pre-encoded body) vs JSON; and the bare app
+  receiving the same 600 kB binary body: raw + that round trip is what any server on this
+  stack could answer in, with no work of its own (printed as the transport floor).
 
     python -m benchmarks.overhead [--rounds 5] [--repository artifacts/overhead]
 
@@ -175,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             path = "/v2/models/resnet18/infer"
             calls |= {
+                "floor (bare ASGI), 600 kB": poster(bare.port, path, *binary_body(x, name)),
                 "ResNet raw": lambda: session.run(None, {name: x}),
                 "ResNet binary tritonclient": tritonclient_infer(server.port, "resnet18", x, name),
                 "ResNet binary http.client": poster(server.port, path, *binary_body(x, name)),
                 "ResNet JSON": poster(server.port, path, *json_body(x, name)),
             }
             counts |= {way: args.large for way in calls if way.startswith("ResNet")}
+            counts["floor (bare ASGI), 600 kB"] = args.small
         for call in calls.values():  # warm-up: first runs allocate, tune and fill caches
             for _ in range(5):
                 call()
@@ -208,7 +212,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         value = statistics.median(results[ratio.way]) / statistics.median(results[ratio.reference])
         met = "yes" if value <= ratio.target else "no"
-        print(f"{ratio.label:<36} | {value:6.2f} | {ratio.target:6.2f}x | {met}")
+        print(f"{ratio.label:<36} | {value:6.3f} | {ratio.target:6.2f}x | {met}")
+    if "ResNet raw" in results:
+        raw = statistics.median(results["ResNet raw"])
+        transport = statistics.median(results["floor (bare ASGI), 600 kB"])
+        print(
+            f"\ntransport floor for the ResNet request: (raw + bare ASGI 600 kB round trip) / raw"
+            f" = {(raw + transport) / raw:.3f} (no server on this stack can do better)"
+        )
 
 
 if __name__ == "__main__":
