@@ -7,9 +7,13 @@ the stat-drift endpoint), on a ResNet-18-sized CNN at 224x224, batch 1 and 8. Pr
 The service runs as a real `python -m service` process on 127.0.0.1. The client keeps one
 connection open and sends bodies encoded in advance, so the figures are the service's cost
 (transport, parsing, validation, run, encoding), not the client library's: it is the standard
-library's http.client (httpx alone adds 0.5-3 ms to a 600 kB request here); over gRPC a
-grpcio channel sends the serialized ModelInferRequest bytes. Blocks of the three
-ways alternate round by round, so drift on a noisy machine hits them alike.
+library's http.client (httpx alone adds 0.5-3 ms to a 600 kB request here); over gRPC its
+counterpart, benchmarks.h2client, writes the serialized ModelInferRequest's HTTP/2 frames to the
+socket and reads the answer on the calling thread (checked bit for bit against grpcio's). The
+"gRPC grpcio" row sends the same bytes through a grpcio channel, as tritonclient does: grpcio's
+client hands each answer through its own polling and completion-queue threads, ~0.25 ms per
+call on 2 cores, which is the client library's cost, not the service's. Blocks of the ways
+alternate round by round, so drift on a noisy machine hits them alike.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from benchmarks.loadgen import grpc_caller, grpc_request
+from benchmarks.h2client import GrpcConnection
+from benchmarks.loadgen import GRPC_INFER, grpc_caller, grpc_request
 from benchmarks.resnet import export_benchmark_model
 from service.launcher import ServiceProcess
 from service.runtime import SessionFactory
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     input_name = session.get_inputs()[0].name
     rng = np.random.default_rng(0)
     batches = [int(b) for b in args.batches.split(",")]
-    ways = ["raw session.run", "HTTP binary", "gRPC", "HTTP JSON"] + (
+    ways = ["raw session.run", "HTTP binary", "gRPC", "gRPC grpcio", "HTTP JSON"] + (
         [] if args.no_drift else ["stat-drift"]
     )
     results = {(b, w): [] for b in batches for w in ways}
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         parts = urlsplit(server.url)
         client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
         channel, grpc_call = grpc_caller(server.grpc_address)
+        bare = GrpcConnection("127.0.0.1", server.grpc_port)
         infer_url = "/v2/models/resnet18/infer"
         for batch in batches:
             x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
@@ -115,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
             calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
             calls.update({way: (lambda way=way: post(way)) for way in ways[1:]})
             message = grpc_request(x, input_name, "resnet18")
-            calls["gRPC"] = lambda message=message: grpc_call(message, timeout=120)
+            calls["gRPC"] = lambda message=message: bare.unary(GRPC_INFER, message, timeout=120)
+            calls["gRPC grpcio"] = lambda message=message: grpc_call(message, timeout=120)
+            if calls["gRPC"]() != calls["gRPC grpcio"]():
+                raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
             for call in calls.values():  # warm-up: first runs allocate and tune
                 call()
                 call()
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                     results[(batch, way)].extend(time_calls(calls[way], count))
         client.close()
         channel.close()
+        bare.close()
 
     print(
         f"\nResNet-18-sized CNN, {args.size}x{args.size}, ONNX Runtime CPU, {os.cpu_count()} cores"

@@ -7,6 +7,8 @@ as REST's binary and JSON data, so the data plane checks them the same way.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from google.protobuf import json_format
 
@@ -33,6 +35,92 @@ CONTENTS = {
 CONTENT_FIELDS = tuple(f.name for f in pb.InferTensorContents.DESCRIPTOR.fields)
 
 
+# raw_input_contents' key on the wire: its field number, wire type 2 (length-delimited).
+RAW_KEY = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number << 3 | 2
+# Top-level fields the Python walk follows; past this (a request of thousands of tiny fields
+# would hold the event loop) protobuf's C parser takes the whole message.
+MAX_WALKED_FIELDS = 1024
+
+
+class InferMessage(NamedTuple):
+    """A ModelInferRequest parsed without its raw_input_contents, and those as views of the
+    received bytes: protobuf would copy each tensor twice (into the message, then into a
+    bytes object on access)."""
+
+    message: pb.ModelInferRequest
+    raw: list[memoryview]
+
+    @property
+    def model_name(self) -> str:
+        return self.message.model_name
+
+
+def parse_infer(data: bytes) -> InferMessage:
+    """Parse a ModelInferRequest as protobuf would, the tensor bytes left in place. The top
+    level is walked for raw_input_contents entries and the other fields are parsed by protobuf
+    (so they are checked as before); bytes the walk cannot follow are parsed whole, so
+    protobuf reports them (DecodeError) exactly as it would without this."""
+    spans = _top_level_fields(data)
+    if spans is None:
+        message = pb.ModelInferRequest.FromString(data)
+        return InferMessage(message, [memoryview(r) for r in message.raw_input_contents])
+    view = memoryview(data)
+    raw, rest = [], []
+    for key, start, value_start, end in spans:
+        if key == RAW_KEY:
+            raw.append(view[value_start:end])
+        else:
+            rest.append(view[start:end])
+    if not raw:
+        return InferMessage(pb.ModelInferRequest.FromString(data), raw)
+    return InferMessage(pb.ModelInferRequest.FromString(b"".join(rest)), raw)
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[position]  # IndexError past the end: truncated
+        result |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return result, position
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _top_level_fields(data: bytes) -> list[tuple[int, int, int, int]] | None:
+    """(key, start, value start, end) of each top-level field; None where the wire format is
+    not one this walk follows (groups, bad keys, truncation, too many fields)."""
+    fields, position, size = [], 0, len(data)
+    try:
+        while position < size:
+            start = position
+            key, position = _varint(data, position)
+            wire = key & 7
+            if key >> 3 == 0 or key >> 32:
+                return None
+            if wire == 0:
+                _, position = _varint(data, position)
+                value_start = position
+            elif wire == 2:
+                length, value_start = _varint(data, position)
+                position = value_start + length
+            elif wire in (1, 5):
+                value_start = position
+                position += 8 if wire == 1 else 4
+            else:
+                return None
+            if position > size:
+                return None
+            fields.append((key, start, value_start, position))
+            if len(fields) > MAX_WALKED_FIELDS:
+                return None
+    except (IndexError, ValueError):
+        return None
+    return fields
+
+
 def parameters(mapping) -> dict:
     """An InferParameter map as plain values."""
     out = {}
@@ -42,8 +130,8 @@ def parameters(mapping) -> dict:
     return out
 
 
-def decode_infer(message: pb.ModelInferRequest) -> InferRequest:
-    raw = message.raw_input_contents
+def decode_infer(parsed: InferMessage) -> InferRequest:
+    message, raw = parsed
     if raw and len(raw) != len(message.inputs):
         raise BadRequest(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "

@@ -20,7 +20,7 @@ from ... import errors
 from ...dataplane.plane import DataPlane
 from ...logs import new_request_id, request_id
 from . import bnserve_inference_pb2 as pb
-from .codec import decode_infer, encode_infer, from_model
+from .codec import InferMessage, decode_infer, encode_infer, from_model, parse_infer
 
 log = logging.getLogger("bnserve.access")
 
@@ -72,7 +72,7 @@ class Servicer:
     def _wrap(self, name: str, kind, handler: Handler):
         """Parsing, limits, request id, error mapping, metrics and the access log."""
         endpoint = f"/{SERVICE}/{name}"
-        parse = kind.FromString
+        parse = parse_infer if kind is pb.ModelInferRequest else kind.FromString
 
         async def call(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = self.observer.started()
@@ -151,10 +151,10 @@ class Servicer:
         return from_model(statistics, pb.ModelStatisticsResponse())
 
     # -- inference --------------------------------------------------------------------------
-    async def model_infer(self, request, context):
-        version = request.model_version or None
-        self.plane.check_model(request.model_name, version)
-        refusal = self.plane.refusal(request.model_name, version)
+    async def model_infer(self, request: InferMessage, context):
+        name, version = request.message.model_name, request.message.model_version or None
+        self.plane.check_model(name, version)
+        refusal = self.plane.refusal(name, version)
         if refusal is not None:  # before decoding the tensors
             raise refusal
         return encode_infer(await self.plane.infer(decode_infer(request)))
