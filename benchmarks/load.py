@@ -7,7 +7,13 @@
 
 on the ResNet-18-sized CNN at 224x224. Prints a table.
 
-    python -m benchmarks.load [--clients 16] [--seconds 20] [--no-kserve]
+    python -m benchmarks.load [--clients 16] [--seconds 12] [--rounds 2] [--ways REGEX]
+                              [--no-kserve]
+
+Each round measures raw session.run at every batch size, then every way in turn (never call by
+call). The verdict lines give the ratio of all rounds pooled and, per round, the way's rate over
+that round's raw rate at the best batch size: their median and min-max, so a reader can see how
+far one run's figure can be trusted. `--ways` keeps only the configurations whose name matches.
 
 The load is closed-loop: each client keeps one request outstanding on its own keep-alive
 connection; the client threads share the machine with the server, which raw session.run does
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--queue-delay-us", type=int, default=2000)
     parser.add_argument("--no-kserve", action="store_true")
+    parser.add_argument("--ways", default="", help="regex: only the ways whose name matches")
     args = parser.parse_args(argv)
 
     path = export_benchmark_model(args.repository, args.size)
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [1, 2, 4, 8, 16]
     raw_rates: dict[int, list[float]] = {b: [] for b in batches}
     results: dict[str, LoadResult] = {}
+    per_round: dict[str, list[float]] = {}  # each round's throughput, by way
     with contextlib.ExitStack() as stack:
         # Every server is up for the whole run (idle ones cost no CPU) and the ways take
         # turns round by round, so drift on a noisy machine hits them all alike.
@@ -150,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             version = KSERVE_PIN.split("==")[1]
             targets[f"KServe {version}, JSON requests"] = rest(peer.url, *json_request)
             targets[f"KServe {version}, binary requests"] = rest(peer.url, body, headers)
+        targets = {name: m for name, m in targets.items() if re.search(args.ways, name)}
         for _ in range(args.rounds):
             for batch, rate in raw_throughput(
                 path / "model.onnx", args.size, batches, args.seconds / 5
@@ -158,13 +169,16 @@ def main(argv: list[str] | None = None) -> None:
             for name, measure in targets.items():
                 result = measure()
                 results[name] = results[name].merge(result) if name in results else result
+                per_round.setdefault(name, []).append(result.throughput())
     raw = {b: sum(r) / len(r) for b, r in raw_rates.items()}
     best_batch = max(raw, key=raw.get)
     rows: list[tuple[str, float, LoadResult | None]] = [
         (f"raw session.run, batch {b}", rate, None) for b, rate in raw.items()
     ]
     rows += [(name, result.throughput(), result) for name, result in results.items()]
-    bnserve = max(r.throughput() for n, r in results.items() if n.startswith("bnserve"))
+    bnserve = max(
+        (r.throughput() for n, r in results.items() if n.startswith("bnserve")), default=0
+    )
     kserve = max((r.throughput() for n, r in results.items() if n.startswith("KServe")), default=0)
 
     print(f"\n{args.clients} clients, single-sample requests, ResNet-18-sized CNN {args.size}x{args.size}, "
@@ -181,13 +195,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         codes = dict(result.codes) | dict(result.errors) if result else ""
         print(f"{name:<40} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
-    print(
-        f"\nbnserve (best row) / raw session.run at its best batch size ({best_batch}): {bnserve / raw[best_batch]:.3f}"
-    )
-    grpc_rate = max(r.throughput() for n, r in results.items() if n.startswith("bnserve gRPC"))
-    print(
-        f"bnserve gRPC (best row) / raw session.run at batch {best_batch}: {grpc_rate / raw[best_batch]:.3f}"
-    )
+    print(f"\n{'ratio to raw at its best batch size (' + str(best_batch) + ')':<52} | pooled | "
+          f"median of rounds | rounds min-max")  # fmt: skip
+    print("-" * 98)
+    verdicts = [("bnserve (best row)", "bnserve"), ("bnserve gRPC (best row)", "bnserve gRPC")]
+    for label, prefix in verdicts:
+        ways = [n for n in results if n.startswith(prefix)]
+        if not ways:
+            continue
+        best = max(ways, key=lambda n: results[n].throughput())
+        rounds = [rate / raw_rates[best_batch][i] for i, rate in enumerate(per_round[best])]
+        print(
+            f"{label + ': ' + best.split(', ', 1)[1]:<52} | {results[best].throughput() / raw[best_batch]:6.3f} | "
+            f"{statistics.median(rounds):16.3f} | {min(rounds):.3f}-{max(rounds):.3f}"
+        )  # fmt: skip
     if kserve:
         print(f"bnserve (best row) / KServe (best row): {bnserve / kserve:.3f}")
 
