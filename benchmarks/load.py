@@ -1,8 +1,9 @@
 """Throughput with 16 concurrent clients on 127.0.0.1, side by side in one run:
 
   raw     in-process ONNX Runtime session.run at each batch size (no HTTP, no client)
-  bnserve the service with dynamic batching, single-sample binary requests over REST, and
-          the same server over gRPC (raw_input_contents)
+  bnserve the service with dynamic batching, single-sample binary requests over REST
+          (http.client), and the same server over gRPC (raw_input_contents), from bare HTTP/2
+          clients (benchmarks.h2client, http.client's counterpart) and from grpcio channels
   KServe  the same ORT session in KServe's Python model server (kserve package, own venv)
 
 on the ResNet-18-sized CNN at 224x224. Prints a table.
@@ -149,12 +150,13 @@ def main(argv: list[str] | None = None) -> None:
             )
             targets[name] = rest(server.url, body, headers)
             if "BNSERVE_MAX_BATCH_SIZE" in env:  # the same batching server, over gRPC
-                targets[name.replace("bnserve,", "bnserve gRPC,")] = (
-                    lambda address=server.grpc_address: run_grpc_load(
-                        address, grpc_request(x, "images", "resnet18"),
-                        clients=args.clients, seconds=args.seconds, warmup=1.0,
-                    )
-                )  # fmt: skip
+                for label, bare in (("bnserve gRPC,", True), ("bnserve gRPC grpcio,", False)):
+                    targets[name.replace("bnserve,", label)] = (
+                        lambda address=server.grpc_address, bare=bare: run_grpc_load(
+                            address, grpc_request(x, "images", "resnet18"),
+                            clients=args.clients, seconds=args.seconds, warmup=1.0, bare=bare,
+                        )
+                    )  # fmt: skip
         if not args.no_kserve:
             peer = stack.enter_context(KServeProcess(path / "model.onnx"))
             version = KSERVE_PIN.split("==")[1]
@@ -184,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.clients} clients, single-sample requests, ResNet-18-sized CNN {args.size}x{args.size}, "
           f"{os.cpu_count()} cores, {args.rounds} rounds of {args.seconds:g} s per way")  # fmt: skip
     print(
-        f"{'':<40} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
+        f"{'':<46} | {'samples/s':>9} | {'vs raw best':>11} | {'p50 ms':>7} | {'p99 ms':>7} | codes"
     )
-    print("-" * 98)
+    print("-" * 104)
     for name, rate, result in rows:
         latency = (
             f"{result.percentile(50):7.1f} | {result.percentile(99):7.1f}"
@@ -194,11 +196,15 @@ def main(argv: list[str] | None = None) -> None:
             else f"{'':7} | {'':7}"
         )
         codes = dict(result.codes) | dict(result.errors) if result else ""
-        print(f"{name:<40} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
+        print(f"{name:<46} | {rate:9.2f} | {rate / raw[best_batch]:11.3f} | {latency} | {codes}")
     print(f"\n{'ratio to raw at its best batch size (' + str(best_batch) + ')':<52} | pooled | "
           f"median of rounds | rounds min-max")  # fmt: skip
     print("-" * 98)
-    verdicts = [("bnserve (best row)", "bnserve"), ("bnserve gRPC (best row)", "bnserve gRPC")]
+    verdicts = [
+        ("bnserve (best row)", "bnserve,"),
+        ("bnserve gRPC (best row)", "bnserve gRPC,"),
+        ("bnserve gRPC grpcio (best row)", "bnserve gRPC grpcio,"),
+    ]
     for label, prefix in verdicts:
         ways = [n for n in results if n.startswith(prefix)]
         if not ways:
