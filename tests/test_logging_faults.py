@@ -57,8 +57,10 @@ def test_stalled_sink_neither_blocks_logging_nor_close():
     ).start()
     try:
         started = time.monotonic()
-        for i in range(20_000):  # ~3 MB of JSON: far past the 64 KiB pipe buffer
-            writer.handler.handle(_record("padding %s %d", "x" * 100, i))
+        # 2 kB records: one queue-full (100) is already far past the 64 KiB pipe buffer, so
+        # the writer blocks in write() however few times it woke while these were made.
+        for i in range(20_000):
+            writer.handler.handle(_record("padding %s %d", "x" * 2000, i))
         assert time.monotonic() - started < 10.0
         assert dropped.value > 10_000
         started = time.monotonic()
