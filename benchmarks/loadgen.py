@@ -1,5 +1,5 @@
-"""A closed-loop HTTP load generator: N clients, each with one request outstanding on its own
-keep-alive connection, for a fixed time. Bodies are encoded once, up front."""
+"""A closed-loop load generator, HTTP and gRPC: N clients, each with one request outstanding on
+its own keep-alive connection, for a fixed time. Bodies are encoded once, up front."""
 
 from __future__ import annotations
 
@@ -39,6 +39,38 @@ class LoadResult:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else 0.0
 
 
+class _Window:
+    """The measured window of one load run, shared by its client threads: responses that end
+    inside it are counted (whenever their request started)."""
+
+    def __init__(self, seconds: float, warmup: float) -> None:
+        start = time.perf_counter()
+        self.measure_from, self.stop_at = start + warmup, start + warmup + seconds
+        self.result = LoadResult(seconds=seconds)
+        self.lock = threading.Lock()
+
+    def open(self) -> bool:
+        """Whether a client should start another request."""
+        return time.perf_counter() < self.stop_at
+
+    def record(self, code, began: float) -> None:
+        ended = time.perf_counter()
+        if self.measure_from <= ended <= self.stop_at:
+            with self.lock:
+                self.result.codes[code] += 1
+                if code == 200:
+                    self.result.latencies.append(ended - began)
+
+    def run(self, clients: int, client) -> LoadResult:
+        """`client` on `clients` threads at once, until all have stopped."""
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return self.result
+
+
 def run_load(
     url: str,
     path: str,
@@ -56,17 +88,12 @@ def run_load(
     With honor_retry_after, a client answered 503 waits as its Retry-After header says, as
     well-behaved clients do; without, it retries at once (a retry storm)."""
     parts = urlsplit(url)
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-    result = LoadResult(seconds=seconds)
-    lock = threading.Lock()
+    window = _Window(seconds, warmup)
 
     def client() -> None:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-        while True:
+        while window.open():
             began = time.perf_counter()
-            if began >= stop_at:
-                break
             try:
                 connection.request("POST", path, body=body, headers=headers)
                 response = connection.getresponse()
@@ -78,26 +105,17 @@ def run_load(
             except (OSError, http.client.HTTPException) as exc:
                 code = None
                 connection.close()
-                with lock:
-                    if measure_from <= time.perf_counter() <= stop_at:
-                        result.errors[type(exc).__name__] += 1
+                with window.lock:
+                    if window.measure_from <= time.perf_counter() <= window.stop_at:
+                        window.result.errors[type(exc).__name__] += 1
                 time.sleep(0.01)
-            ended = time.perf_counter()
-            if measure_from <= ended <= stop_at and code is not None:
-                with lock:
-                    result.codes[code] += 1
-                    if code == 200:
-                        result.latencies.append(ended - began)
+            if code is not None:
+                window.record(code, began)
             if honor_retry_after and code == 503 and retry_after:
-                time.sleep(min(float(retry_after), max(stop_at - time.perf_counter(), 0)))
+                time.sleep(min(float(retry_after), max(window.stop_at - time.perf_counter(), 0)))
         connection.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return result
+    return window.run(clients, client)
 
 
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -138,10 +156,7 @@ def run_grpc_load(
 
     from benchmarks.h2client import CallFailed, GrpcConnection
 
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-    result = LoadResult(seconds=seconds)
-    lock = threading.Lock()
+    window = _Window(seconds, warmup)
 
     def client() -> None:
         if bare:
@@ -154,10 +169,8 @@ def run_grpc_load(
         else:
             channel, call = grpc_caller(address)
             close = channel.close
-        while True:
+        while window.open():
             began = time.perf_counter()
-            if began >= stop_at:
-                break
             try:
                 call(request, timeout=60)
                 code = 200
@@ -165,17 +178,7 @@ def run_grpc_load(
                 code = exc.code().name
             except (CallFailed, OSError):
                 code = "FAILED"
-            ended = time.perf_counter()
-            if measure_from <= ended <= stop_at:
-                with lock:
-                    result.codes[code] += 1
-                    if code == 200:
-                        result.latencies.append(ended - began)
+            window.record(code, began)
         close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return result
+    return window.run(clients, client)
