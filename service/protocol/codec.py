@@ -56,6 +56,16 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferenceRequ
         raise BadRequest(describe_validation_error(exc)) from None
 
 
+def requested_output(
+    name: str, binary: bool, top_k: object, expected: str = "a positive integer"
+) -> RequestedOutput:
+    """An output the request names, its classification top-k checked (0: none); REST's and
+    gRPC's codecs give the same error, `expected` saying how their protocol carries it."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise BadRequest(f"output '{name}' has classification {top_k!r}; expected {expected}")
+    return RequestedOutput(name, binary, top_k)
+
+
 def decode_request(
     model_name: str, model_version: str | None, body: bytes, header_length: str | None
 ) -> InferRequest:
@@ -91,12 +101,7 @@ def decode_request(
         for item in parsed.outputs:
             binary_ = _flag(item.parameters, "binary_data", f"output '{item.name}'", default_binary)
             top_k = (item.parameters or {}).get("classification", 0)
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-                raise BadRequest(
-                    f"output '{item.name}' has classification {top_k!r}; expected a positive "
-                    "integer"
-                )
-            outputs.append(RequestedOutput(item.name, binary_, top_k))
+            outputs.append(requested_output(item.name, binary_, top_k))
     return InferRequest(
         model_name=model_name,
         model_version=model_version,

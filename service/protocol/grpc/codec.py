@@ -12,9 +12,9 @@ from typing import NamedTuple
 import numpy as np
 from google.protobuf import json_format
 
-from ...dataplane.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from ...dataplane.types import InferRequest, InferResponse, InputTensor
 from ...errors import BadRequest
-from ..codec import bytes_to_binary
+from ..codec import bytes_to_binary, requested_output
 from . import bnserve_inference_pb2 as pb
 
 # The typed contents field each datatype travels in (Triton's mapping).
@@ -153,12 +153,8 @@ def decode_infer(parsed: InferMessage) -> InferRequest:
         outputs = []
         for item in message.outputs:
             top_k = parameters(item.parameters).get("classification", 0)
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-                raise BadRequest(
-                    f"output '{item.name}' has classification {top_k!r}; expected a positive "
-                    "integer (int64_param)"
-                )
-            outputs.append(RequestedOutput(item.name, True, top_k))
+            expected = "a positive integer (int64_param)"
+            outputs.append(requested_output(item.name, True, top_k, expected))
     return InferRequest(
         model_name=message.model_name,
         model_version=message.model_version or None,
