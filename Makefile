@@ -69,6 +69,7 @@ test: $(STAMP) $(ZOO_STAMP) system-deps
 # model into artifacts/bench and builds a separate venv for the KServe peer).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.phases
 	$(BIN)/python -m benchmarks.serving
 	$(BIN)/python -m benchmarks.load
 	$(BIN)/python -m benchmarks.faults
