@@ -65,7 +65,7 @@ test: $(STAMP) $(ZOO_STAMP) system-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# Benchmarks print tables (about 14 minutes in all; the first run exports the ResNet-18-sized
+# Benchmarks print tables (about 15 minutes in all; the first run exports the ResNet-18-sized
 # model into artifacts/bench and builds a separate venv for the KServe peer).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.overhead

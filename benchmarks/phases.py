@@ -36,7 +36,7 @@ from service.launcher import ROOT, ServiceProcess, free_port
 from service.runtime import SessionFactory
 
 # (module, class, method, event at entry, event at exit); the request's own events come from
-# the middleware's wrapper (arrived, answered).
+# the middleware's wrapper (arrived, answering, finished).
 PROBES = [
     ("service.middleware", "RequestContextMiddleware", "_read_body", None, "body read"),
     ("service.dataplane.inference", "InferenceService", "infer", "plane", "plane done"),
@@ -73,34 +73,34 @@ def _serve(argv: list[str]) -> int:
     requests: list[dict[str, float]] = []
     current: dict[str, float] = {}
 
-    def probe(function, entry: str | None, exit: str | None):
+    def probe(function, on_entry: str | None, on_exit: str | None):
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def timed_async(*args, **kwargs):
-                if entry:
-                    current[entry] = clock()
+                if on_entry:
+                    current[on_entry] = clock()
                 result = await function(*args, **kwargs)
-                if exit:
-                    current[exit] = clock()
+                if on_exit:
+                    current[on_exit] = clock()
                 return result
 
             return timed_async
 
         @functools.wraps(function)
         def timed(*args, **kwargs):
-            if entry:
-                current[entry] = clock()
+            if on_entry:
+                current[on_entry] = clock()
             result = function(*args, **kwargs)
-            if exit:
-                current[exit] = clock()
+            if on_exit:
+                current[on_exit] = clock()
             return result
 
         return timed
 
-    for module, owner, name, entry, exit in PROBES:
+    for module, owner, name, on_entry, on_exit in PROBES:
         cls = getattr(importlib.import_module(module), owner)
-        setattr(cls, name, probe(getattr(cls, name), entry, exit))
+        setattr(cls, name, probe(getattr(cls, name), on_entry, on_exit))
 
     call = middleware.RequestContextMiddleware.__call__
 
