@@ -85,12 +85,10 @@ class BoundDriftMetrics:
 
     def remove(self) -> None:
         labels = (self.model, self.version)
-        parent = self.parent
-        for metric in (parent.verdict, parent.sampled, parent.dropped, parent.skipped):
+        p = self.parent
+        for metric in (p.verdict, p.sampled, p.dropped, p.skipped, p.seconds):
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
-        with contextlib.suppress(KeyError):
-            self.parent.seconds.remove(*labels)
         for layer in self.layers:
             with contextlib.suppress(KeyError):
                 self.parent.score.remove(*labels, layer)
