@@ -61,6 +61,12 @@ class _Window:
                 if code == 200:
                     self.result.latencies.append(ended - began)
 
+    def error(self, name: str) -> None:
+        """A client-side error (no HTTP status), counted when it happens inside the window."""
+        if self.measure_from <= time.perf_counter() <= self.stop_at:
+            with self.lock:
+                self.result.errors[name] += 1
+
     def run(self, clients: int, client) -> LoadResult:
         """`client` on `clients` threads at once, until all have stopped."""
         threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
@@ -105,9 +111,7 @@ def run_load(
             except (OSError, http.client.HTTPException) as exc:
                 code = None
                 connection.close()
-                with window.lock:
-                    if window.measure_from <= time.perf_counter() <= window.stop_at:
-                        window.result.errors[type(exc).__name__] += 1
+                window.error(type(exc).__name__)
                 time.sleep(0.01)
             if code is not None:
                 window.record(code, began)
