@@ -25,7 +25,13 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: str = "service",  # run as `python -m <module>`, taking the service's arguments
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Its own gRPC port too: servers started side by side must not share the default.
@@ -39,7 +45,7 @@ class ServiceProcess:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
         command = [
-            sys.executable, "-m", "service", "--repository", str(repository),
+            sys.executable, "-m", module, "--repository", str(repository),
             "--host", "127.0.0.1", "--port", str(self.port),
             *([] if given is not None else ["--grpc-port", str(self.grpc_port)]), *args,
         ]  # fmt: skip
