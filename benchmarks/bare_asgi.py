@@ -5,7 +5,7 @@ reads the whole request body and answers a fixed KServe v2 JSON body, nothing el
 
 It keeps freed memory at the top of its heap (`keep_freed_memory`), as bnserve's process does
 by itself: otherwise glibc hands each request's 600 kB of body buffers back to the kernel and
-the app pays ~260 page faults per request for them (0.94 vs 0.48 ms p50 here), a cost of this
+the app pays ~260 page faults per request for them (0.94 vs 0.41-0.48 ms p50 here), a cost of this
 tiny process's heap that bnserve does not have (0-2 faults per request, measured from
 /proc/<pid>/stat), and the floor would be too high.
 """

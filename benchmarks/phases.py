@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.overhead import digits_repository, poster
 from benchmarks.resnet import export_benchmark_model
-from benchmarks.serving import binary_body, json_body
+from benchmarks.serving import binary_body, json_body, time_calls
 from service.launcher import ROOT, ServiceProcess
 from service.runtime import SessionFactory
 
@@ -111,18 +111,12 @@ def measure(model: str, repository: Path, rounds: int, count: int) -> PhaseRepor
                 post_plain()
                 session.run(None, feed)
             for _ in range(rounds):
-                for _ in range(count):
-                    started = time.perf_counter()
-                    session.run(None, feed)
-                    raw.append(time.perf_counter() - started)
-                for _ in range(count):
+                raw += time_calls(lambda: session.run(None, feed), count)
+                for _ in range(count):  # both ends: the phases start and end on them
                     sent = time.perf_counter()
                     post()
                     client.append((sent, time.perf_counter()))
-                for _ in range(count):
-                    started = time.perf_counter()
-                    post_plain()
-                    unprobed.append(time.perf_counter() - started)
+                unprobed += time_calls(post_plain, count)
         # Stopped: the probed service wrote its events as it exited.
         events = json.loads(out.read_text() or "[]")[warm:]
     finally:
