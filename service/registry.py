@@ -39,13 +39,30 @@ class VersionState:
 @dataclass
 class ModelEntry:
     name: str
-    versions: dict[int, VersionState] = field(default_factory=dict)
     reason: str = ""  # why no version is listed (unloaded, none in the repository)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     signature: tuple = ()
+    _versions: dict[int, VersionState] = field(default_factory=dict, repr=False)
+    _ready: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def versions(self) -> dict[int, VersionState]:
+        return self._versions
+
+    @versions.setter
+    def versions(self, table: dict[int, VersionState]) -> None:
+        # Tables are swapped whole, never edited in place: the READY versions are worked out
+        # once per swap, not on each of the three lookups a request makes.
+        self._versions = table
+        self._ready = sorted(v for v, s in table.items() if s.state == ModelState.READY)
 
     def ready_versions(self) -> list[int]:
-        return sorted(v for v, s in self.versions.items() if s.state == ModelState.READY)
+        return list(self._ready)
+
+    @property
+    def latest(self) -> LoadedModel | None:
+        """The highest READY version, which requests without a version get."""
+        return self._versions[self._ready[-1]].model if self._ready else None
 
 
 LoadHook = Callable[[LoadedModel], None]
@@ -86,12 +103,12 @@ class ModelRegistry:
         """The version to serve a request: the given one, or the highest READY version."""
         entry = self.entry(name)
         if version is None or version == "":
-            ready = entry.ready_versions()
-            if not ready:
+            latest = entry.latest
+            if latest is None:
                 raise Unavailable(
                     f"model '{name}' has no ready version: {self.why_unavailable(entry)}"
                 )
-            return entry.versions[ready[-1]].model
+            return latest
         number = int(version) if version.isdigit() else None
         status = entry.versions.get(number) if number is not None else None
         if status is None:
