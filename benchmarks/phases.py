@@ -39,13 +39,14 @@ PHASES = [
     ("validate (signature, numpy, finiteness)", "validate", "validated"),
     ("admission, queue, hop to the run's thread", "validated", "run"),
     ("session.run", "run", "ran"),
-    ("back on the event loop (hop, statistics)", "ran", "submitted"),
-    ("outputs", "submitted", "plane done"),
+    ("back on the event loop (hop)", "ran", "run returned"),
+    ("outputs", "run returned", "plane done"),
     ("encode, response headers", "plane done", "answering"),
     ("service -> client (write, response read)", "answering", "got"),
 ]
 # After the answer, overlapping the client's next request: uvicorn's bookkeeping after the
-# write, metrics and the access log.
+# write, the request counter and latency, and the access log (the run's and the request's
+# other metrics and statistics follow in the next loop step, service.bookkeeping).
 AFTER = ("after the answer: metrics, access log", "answering", "finished")
 
 

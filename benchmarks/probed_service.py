@@ -25,7 +25,7 @@ PROBES = [
     ("service.middleware", "RequestContextMiddleware", "_read_body", None, "body read"),
     ("service.dataplane.inference", "InferenceService", "infer", "plane", "plane done"),
     ("service.dataplane.inference", "InferenceService", "validate", "validate", "validated"),
-    ("service.batching", "BatchScheduler", "submit", None, "submitted"),
+    ("service.dataplane.inference", "InferenceService", "run", None, "run returned"),
     ("service.batching", "BatchScheduler", "_timed_run", "run", "ran"),
 ]
 

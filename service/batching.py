@@ -11,7 +11,9 @@ The direct path: with batching off, an empty queue and a free slot there is noth
 for or to batch with, so a request runs at once, without the queue and the worker task (same
 checks, same statistics). A model whose session.run is measured to take less than
 `inline_run_us` per sample (the least of its recent run times, not counting the thread hop) runs
-on the event loop itself: handing ~50 µs of work to a thread costs several times that.
+on the event loop itself: handing ~50 µs of work to a thread costs several times that. That
+run is a plain call (`run_inline`), and a run's metrics and statistics are recorded after the
+request's answer is written (metrics.later, service/bookkeeping.py).
 
 Batching preserves deterministic eval mode: ONNX Runtime computes each sample's rows the same
 way whatever else is in the batch (tests check bitwise equality), and every sample's output
@@ -119,6 +121,9 @@ class BatchScheduler:
         if rejection is not None:
             raise rejection
         if self.direct():
+            outputs = self.run_inline(tensors, size, timing)
+            if outputs is not None:
+                return outputs
             return await self._direct(tensors, size, timing)
         loop = asyncio.get_running_loop()
         if self._worker is None:
@@ -128,6 +133,23 @@ class BatchScheduler:
         self.queue.append(pending)
         self._arrival.set()
         return await pending.future  # cancelled by a timeout: the worker skips it
+
+    def run_inline(
+        self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """Run a direct request of a tiny model here and now, on the event loop, and return its
+        outputs; None when it must go through `submit` (batching, a queue, a busy slot, or a
+        run too long for the loop). Plain, not a coroutine: this is most of a small model's
+        requests, and three coroutine layers cost more than its checks."""
+        if not self.direct() or not self.inline(size):
+            return None
+        self._busy += 1
+        try:
+            outputs, run_started, seconds = self._timed_run(tensors)
+        finally:
+            self._release()
+        self._ran_direct(run_started, run_started, seconds, size, timing)
+        return outputs
 
     def direct(self) -> bool:
         """Whether a request submitted now runs at once (batching off, nothing queued, a
@@ -159,18 +181,11 @@ class BatchScheduler:
     async def _direct(
         self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None
     ) -> dict[str, np.ndarray]:
-        """Run one request now (batching off, queue empty, slot free): on the loop when the
-        model is tiny, else on the model's thread. A timeout abandons the wait, not the run:
-        the slot stays taken until the thread is done."""
+        """Run one request now on the model's thread (batching off, queue empty, slot free,
+        too long a run for the loop). A timeout abandons the wait, not the run: the slot stays
+        taken until the thread is done."""
         started = time.perf_counter()
         self._busy += 1
-        if self.inline(size):
-            try:
-                outputs, run_started, seconds = self._timed_run(tensors)
-            finally:
-                self._release()
-            self._ran_direct(started, run_started, seconds, size, timing)
-            return outputs
         future = asyncio.get_running_loop().run_in_executor(self.executor, self._timed_run, tensors)
 
         def done(future: asyncio.Future) -> None:  # runs before the awaiting request resumes
@@ -188,23 +203,32 @@ class BatchScheduler:
     ) -> None:
         """A direct run's queue time is the wait for its thread (or ~1 µs on the loop)."""
         queued = run_started - started
-        self.metrics.queue_time.labels(self.name).observe(queued)
         if timing is not None:
             timing.queue = queued
-        self._ran(run_started, seconds, size, timing)
+        self._ran(run_started, seconds, size, timing, queued)
 
-    def _ran(self, started: float, run_seconds: float, samples: int, timing) -> float:
-        """Bookkeeping after one successful run of `samples` samples (on the loop); returns
-        the seconds since `started`."""
+    def _ran(
+        self, started: float, run_seconds: float, samples: int, timing, queued: float | None = None
+    ) -> float:
+        """After one successful run of `samples` samples (on the loop): the request's timing
+        now, the metrics and statistics later (metrics.later); returns the seconds since
+        `started`."""
         elapsed = time.perf_counter() - started
+        if timing is not None:
+            timing.compute = elapsed
+        self.metrics.later(self._record, elapsed, run_seconds, samples, queued)
+        return elapsed
+
+    def _record(
+        self, elapsed: float, run_seconds: float, samples: int, queued: float | None
+    ) -> None:
+        if queued is not None:  # a direct run's; batched requests' are observed as they start
+            self.metrics.queue_time.labels(self.name).observe(queued)
         self._measured(run_seconds, samples)
         self._recent_batch_seconds = 0.8 * self._recent_batch_seconds + 0.2 * elapsed
         self.metrics.compute_time.labels(self.name).observe(elapsed)
         self.metrics.batch_size.labels(self.name).observe(samples)
         self.statistics.executed(samples, elapsed)
-        if timing is not None:
-            timing.compute = elapsed
-        return elapsed
 
     async def _work(self) -> None:
         def finished(task: asyncio.Task) -> None:

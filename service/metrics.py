@@ -11,6 +11,7 @@ from prometheus_client import Histogram as _Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from .bookkeeping import Bookkeeping
 from .logs import dropped_records
 
 LATENCY_BUCKETS = (
@@ -69,10 +70,26 @@ class LogDrops(Collector):
         )
 
 
+class _Flush(Collector):
+    """Registered first: a scrape flushes the deferred bookkeeping before reading any series."""
+
+    def __init__(self, later: Bookkeeping) -> None:
+        self.later = later
+
+    def describe(self) -> Iterator:
+        return iter(())
+
+    def collect(self) -> Iterator:
+        self.later.flush()
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.later = Bookkeeping()  # per-request figures, recorded after the answer is sent
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_Flush(self.later))
         self.requests = Counter(
             "bnserve_requests_total", "Requests by endpoint, model and status code",
             ["endpoint", "model", "code"], registry=r,
@@ -103,7 +120,7 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         self.request_batch_size = Histogram(
-            "bnserve_request_batch_size", "Samples per request", ["model"],
+            "bnserve_request_batch_size", "Samples per successful request", ["model"],
             buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
         r.register(LogDrops())

@@ -132,6 +132,17 @@ class LoadedModel:
             observe(tensors, size)
         return await self.scheduler.submit(tensors, size, timing)
 
+    def run_inline(
+        self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """The outputs of a tiny model's run done at once on the event loop, or None when the
+        request must go through `run` (see BatchScheduler.run_inline)."""
+        outputs = self.scheduler.run_inline(tensors, size, timing)
+        if outputs is not None:
+            for observe in self.observers:
+                observe(tensors, size)
+        return outputs
+
     def use(self) -> _InUse:
         """Hold this version for one request (`with model.use():`); a retired version closes
         after its last user."""

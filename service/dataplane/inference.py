@@ -64,14 +64,21 @@ class InferenceService:
                 model.statistics.failed(time.perf_counter() - started)
                 raise
             end = time.perf_counter()
-            model.statistics.succeeded(
-                end - started,
-                checked.batch_size,
-                timing,
-                decode=decoded - started,
-                encode=end - finishing,
-            )
+            seconds = (end - started, decoded - started, end - finishing)  # total, in, out
+            self.metrics.later(self._succeeded, model, checked.batch_size, timing, seconds)
         return InferResponse(model.name, str(model.version), request.id, outputs)
+
+    def _succeeded(
+        self,
+        model: LoadedModel,
+        batch_size: int,
+        timing: RunTiming,
+        seconds: tuple[float, float, float],
+    ) -> None:
+        """A successful request's metrics and statistics (after its answer was sent)."""
+        total, decode, encode = seconds
+        self.metrics.request_batch_size.labels(model.name).observe(batch_size)
+        model.statistics.succeeded(total, batch_size, timing, decode=decode, encode=encode)
 
     def refusal(self, name: str, version: str | None) -> ServiceError | None:
         """The 503 a request for this model would get now, or None (also None for unknown
@@ -123,11 +130,10 @@ class InferenceService:
     ) -> dict[str, np.ndarray]:
         """Run one request's tensors, bounded in concurrency, queue length and time."""
         with self.admitted(model):
-            self.metrics.request_batch_size.labels(model.name).observe(batch_size)
-            scheduler = model.scheduler
-            if scheduler.direct() and scheduler.inline(batch_size):
-                # Runs to completion on the loop without waiting: no timeout to arm.
-                return await model.run(tensors, batch_size, timing)
+            # A tiny model's run is done on the loop at once: no timeout to arm, no waiting.
+            outputs = model.run_inline(tensors, batch_size, timing)
+            if outputs is not None:
+                return outputs
             return await self.within_timeout(model, model.run(tensors, batch_size, timing))
 
 

@@ -14,13 +14,14 @@ from ..metrics import Metrics
 
 class CallObserver:
     def __init__(self, metrics: Metrics, known_model: Callable[[str], bool]) -> None:
-        self.in_flight = metrics.in_flight
+        self.in_flight = 0  # calls being handled; the gauge reads it when scraped
+        metrics.in_flight.set_function(lambda: self.in_flight)
         self.requests = metrics.requests
         self.latency = metrics.latency
         self.known_model = known_model
 
     def started(self) -> float:
-        self.in_flight.inc()
+        self.in_flight += 1
         return time.perf_counter()
 
     def finished(
@@ -29,7 +30,7 @@ class CallObserver:
         """Record one finished call (code: an HTTP status, or a gRPC status name); returns its
         duration in seconds."""
         elapsed = time.perf_counter() - started
-        self.in_flight.dec()
+        self.in_flight -= 1
         label = model if not model or self.known_model(model) else "unknown"
         self.requests.labels(endpoint, label, str(code)).inc()
         self.latency.labels(endpoint, label).observe(elapsed)

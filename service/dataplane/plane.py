@@ -225,6 +225,7 @@ class DataPlane:
         self, name: str | None = None, version: str | None = None
     ) -> ModelStatisticsResponse:
         """Triton's statistics extension: every ready version, or one model's (one version's)."""
+        self.metrics.later.flush()  # requests already answered are counted
         if name:
             models = [self.registry.get(name, version)] if version else self._versions(name)
         else:

@@ -82,9 +82,12 @@ def _names(specs: Mapping[str, TensorMetadata]) -> str:
 def _check_signature(name: str, datatype: str, shape: list[int], spec: TensorMetadata) -> None:
     if datatype != spec.datatype:
         raise BadRequest(f"input '{name}' has datatype {datatype}; expected {spec.datatype}")
-    fits = len(shape) == len(spec.shape) and all(
-        d >= 0 and (e < 0 or d == e) for d, e in zip(shape, spec.shape, strict=True)
-    )
+    fits = len(shape) == len(spec.shape)
+    if fits:
+        for d, e in zip(shape, spec.shape, strict=True):  # a loop: no generator per request
+            if d < 0 or (e >= 0 and d != e):
+                fits = False
+                break
     if not fits:
         raise BadRequest(f"input '{name}' has shape {shape}; expected {spec.shape} (-1: any size)")
 
