@@ -2,7 +2,10 @@
 
 - floor: a bare uvicorn + httptools + uvloop ASGI app that reads the body and answers a fixed
   v2 JSON body (benchmarks/bare_asgi.py);
-- digits demo model, one sample: bnserve with JSON and with binary tensors;
+- digits demo model, one sample: bnserve with JSON and with binary tensors; and the least any
+  Python server on this stack does for that JSON request (benchmarks/least_python.py: parse,
+  refuse NaN/Inf, run, encode; no other check, metric or log), which shows how much of the
+  ratio to the floor is the model's own work in Python and how much is bnserve's;
 - ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
   tritonclient.http (and through http.client with a pre-encoded body) vs JSON; and the bare app
   receiving the same 600 kB binary body: raw + that round trip is what any server on this
@@ -49,12 +52,17 @@ class Ratio:
 
 
 RATIOS = [
+    Ratio("least Python JSON / floor", "least Python, digits JSON", "floor (bare ASGI)", 1.6),
     Ratio("digits JSON / floor", "digits JSON", "floor (bare ASGI)", 1.6),
     Ratio("digits binary / floor", "digits binary", "floor (bare ASGI)", 1.6),
     Ratio("ResNet binary (tritonclient) / raw", "ResNet binary tritonclient", "ResNet raw", 1.05),
     Ratio("ResNet binary (http.client) / raw", "ResNet binary http.client", "ResNet raw", 1.05),
     Ratio("ResNet JSON / raw", "ResNet JSON", "ResNet raw", 1.25),
 ]
+
+
+def digits_model(repository: Path) -> Path:
+    return repository / "digits" / "1" / "model.onnx"
 
 
 def digits_repository(repository: Path) -> Path:
@@ -68,12 +76,12 @@ def digits_repository(repository: Path) -> Path:
 
 
 class BareServer:
-    """benchmarks/bare_asgi.py in a child process."""
+    """benchmarks/bare_asgi.py (or another reference app taking --port) in a child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "benchmarks.bare_asgi", *arguments: str) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.bare_asgi", "--port", str(self.port)],
+            [sys.executable, "-m", module, *arguments, "--port", str(self.port)],
             cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 30
@@ -86,7 +94,7 @@ class BareServer:
                 return
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("the bare ASGI app did not start") from None
+                    raise RuntimeError(f"{module} did not start") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -161,11 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     digit = np.array(tensor["data"][:64], np.float32).reshape(1, 1, 8, 8)
 
     bare = BareServer()
+    least = BareServer("benchmarks.least_python", "--model", str(digits_model(repository)))
     server = ServiceProcess(repository).wait_ready()
     try:
         digits_path = "/v2/models/digits/infer"
         calls: dict[str, Callable[[], None]] = {
             "floor (bare ASGI)": poster(bare.port, digits_path, *json_body(digit, "images")),
+            "least Python, digits JSON": poster(
+                least.port, digits_path, *json_body(digit, "images")
+            ),
             "digits JSON": poster(server.port, digits_path, *json_body(digit, "images")),
             "digits binary": poster(
                 server.port, digits_path, *binary_body_for(digit, "images", "logits")
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                 rounds[way].append(time_block(call, counts[way]))
     finally:
         server.stop()
+        least.stop()
         bare.stop()
 
     results = {way: [t for block in blocks for t in block] for way, blocks in rounds.items()}
