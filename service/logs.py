@@ -8,9 +8,13 @@ SIGTERM handling. The writer writes to its own duplicate of stderr's file descri
 blocked inside `sys.stderr.write` would hold that stream's lock, and interpreter shutdown, which
 flushes sys.stderr, would then abort ("could not acquire lock ... at interpreter shutdown").
 
-The access log, one line per request, has a cheaper way onto the queue (`log_access`): the
-event loop stores the call's figures and the writer makes and formats the record, the same
-record `logging` would have made. Building a LogRecord on the loop cost ~10 µs a request.
+The access log, one line per request, has a cheaper way onto the queue (`log_access`, called
+after the answer is written). In the JSON format the event loop makes the line itself
+(`AccessEntry.json_line`, ~3 µs, the same line JsonFormatter makes from the record `logging`
+would have made): formatting on the writer thread means holding the GIL while the loop waits
+for it, and a batch of records made and formatted there (~8 µs each) put digits' p99 at 1.24 ms
+against 0.74 with the lines made on the loop. In the text format the loop stores the call's
+figures and the writer makes and formats the record.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 QUEUE_SIZE = 4096  # records waiting for the writer before new ones are dropped
 FLUSH_TIMEOUT = 2.0  # seconds shutdown waits for the writer; a stalled sink cannot hold exit
 POLL_INTERVAL = 0.02  # the writer wakes this often, not once per record: fewer thread switches
-BATCH = 512  # records joined into one write
+# Records formatted and joined into one write. The writer holds the GIL while it formats, and
+# the event loop waits for it: each write (the GIL released) bounds that wait to one batch.
+BATCH = 32
 
 
 def _rid(record: logging.LogRecord) -> str | None:
@@ -59,10 +65,14 @@ def _rid(record: logging.LogRecord) -> str | None:
     return record.__dict__.get("request_id", request_id.get())
 
 
+def _iso_time(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -140,6 +150,22 @@ class AccessEntry:
     code: int | str  # an HTTP status, or a gRPC status name
     duration_ms: float
 
+    def json_line(self) -> str:
+        """The line JsonFormatter writes for `record()`, made directly (~3 µs, not ~8)."""
+        entry = {
+            "time": _iso_time(self.created),
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "message": f"{self.method} {self.path} {self.code}",
+        }
+        if self.request_id is not None:
+            entry["request_id"] = self.request_id
+        entry["status" if isinstance(self.code, int) else "grpc_code"] = self.code
+        entry["duration_ms"] = self.duration_ms
+        entry["path"] = self.path
+        entry["method"] = self.method
+        return orjson.dumps(entry, default=str).decode()
+
     def record(self) -> logging.LogRecord:
         """The record `log.info("%s %s %s", method, path, code, extra=...)` would have made."""
         arguments = (self.method, self.path, self.code)
@@ -160,6 +186,8 @@ def log_access(method: str, path: str, code: int | str, seconds: float) -> None:
     writer = _writer
     if writer is None:  # logging not configured by bnserve (a library user's handlers)
         _access.handle(entry.record())
+    elif writer.access_lines:  # JSON: the line itself (after the answer, ~3 µs), see LogWriter
+        writer.put(entry.json_line())
     else:
         writer.put(entry)
 
@@ -207,12 +235,13 @@ class LogWriter:
         self.capacity = capacity
         # A deque, not a queue.Queue: append and popleft are atomic, and the writer polls, so
         # no lock or condition is needed on the event loop's side (~0.1 µs, not ~2 µs).
-        self.records: deque[logging.LogRecord | AccessEntry] = deque()
+        self.records: deque[logging.LogRecord | AccessEntry | str] = deque()
         self.handler = QueueingHandler(self.put)
+        self.access_lines = type(formatter) is JsonFormatter  # AccessEntry.json_line's format
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bnserve-log-writer", daemon=True)
 
-    def put(self, item: logging.LogRecord | AccessEntry) -> None:
+    def put(self, item: logging.LogRecord | AccessEntry | str) -> None:
         """Queue a record, or drop and count it when `capacity` are waiting; never blocks."""
         if len(self.records) >= self.capacity:
             self.dropped.add()
@@ -244,7 +273,13 @@ class LogWriter:
         records = self.records
         while records and len(lines) < BATCH:
             item = records.popleft()
-            lines.append(self._format(item if type(item) is not AccessEntry else item.record()))
+            kind = type(item)
+            if kind is str:  # an access line, made by log_access
+                lines.append(item)
+            elif kind is AccessEntry:
+                lines.append(self._format(item.record()))
+            else:
+                lines.append(self._format(item))
         if not lines:
             return False
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
