@@ -121,9 +121,8 @@ class BatchScheduler:
         if rejection is not None:
             raise rejection
         if self.direct():
-            outputs = self.run_inline(tensors, size, timing)
-            if outputs is not None:
-                return outputs
+            if self.inline(size):
+                return self.run_inline(tensors, size, timing)
             return await self._direct(tensors, size, timing)
         loop = asyncio.get_running_loop()
         if self._worker is None:
@@ -134,15 +133,17 @@ class BatchScheduler:
         self._arrival.set()
         return await pending.future  # cancelled by a timeout: the worker skips it
 
+    def can_run_inline(self, size: int) -> bool:
+        """Whether a request of `size` samples submitted now would run at once on the event
+        loop: a direct run (see `direct`) of a tiny model (see `inline`)."""
+        return self.direct() and self.inline(size)
+
     def run_inline(
         self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
-    ) -> dict[str, np.ndarray] | None:
-        """Run a direct request of a tiny model here and now, on the event loop, and return its
-        outputs; None when it must go through `submit` (batching, a queue, a busy slot, or a
-        run too long for the loop). Plain, not a coroutine: this is most of a small model's
-        requests, and three coroutine layers cost more than its checks."""
-        if not self.direct() or not self.inline(size):
-            return None
+    ) -> dict[str, np.ndarray]:
+        """Run a request here and now, on the event loop (the caller checked
+        `can_run_inline`). Plain, not a coroutine: this is most of a small model's requests,
+        and three coroutine layers cost more than its checks."""
         self._busy += 1
         try:
             outputs, run_started, seconds = self._timed_run(tensors)

@@ -25,29 +25,32 @@ class Bookkeeping:
 
     def __init__(self) -> None:
         self._pending: deque[tuple[Callable[..., object], tuple]] = deque()
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
 
     def __call__(self, function: Callable[..., object], *args: object) -> None:
-        self._pending.append((function, args))
-        if self._scheduled:
-            return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop (a plain call from a thread or a test): now
-            self.flush()
+        except RuntimeError:  # no event loop (a plain call, as in a test): this call, now;
+            self._run(function, args)  # the loop's own calls stay the loop's to run
             return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+        self._pending.append((function, args))
+        if self._scheduled is not loop:  # none yet, or one a closed loop will never run
+            self._scheduled = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
+        self._scheduled = None
         pending = self._pending
         while pending:
             function, args = pending.popleft()
-            try:
-                function(*args)
-            except Exception:  # a broken figure must not break the next one or the loop
-                log.exception("bookkeeping call %r failed", function)
+            self._run(function, args)
+
+    @staticmethod
+    def _run(function: Callable[..., object], args: tuple) -> None:
+        try:
+            function(*args)
+        except Exception:  # a broken figure must not break the next one or the loop
+            log.exception("bookkeeping call %r failed", function)
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -187,7 +187,10 @@ def log_access(method: str, path: str, code: int | str, seconds: float) -> None:
     if writer is None:  # logging not configured by bnserve (a library user's handlers)
         _access.handle(entry.record())
     elif writer.access_lines:  # JSON: the line itself (after the answer, ~3 µs), see LogWriter
-        writer.put(entry.json_line())
+        try:
+            writer.put(entry.json_line())
+        except Exception:  # e.g. a path orjson refuses: the writer's formatter says so
+            writer.put(entry)
     else:
         writer.put(entry)
 

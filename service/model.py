@@ -75,8 +75,8 @@ class LoadedModel:
         self.drift_error: str = ""  # why `drift` is None when stat-drift was asked for
         self.monitor: LiveMonitor | None = None  # live drift over served traffic
         self.monitor_error: str = ""  # why `monitor` is None while monitoring is on
-        # Called with each request's (tensors, batch size) before it is queued; they must not
-        # block or modify the tensors (live drift monitor, traffic capture).
+        # Called with each request's (tensors, batch size) before it is queued or run; they
+        # must not block or modify the tensors (live drift monitor, traffic capture).
         self.observers: list[Callable[[dict[str, np.ndarray], int], None]] = []
         # Called once when this version closes (unloaded or replaced), e.g. to stop its capture.
         self.on_close: list[Callable[[], None]] = []
@@ -136,12 +136,14 @@ class LoadedModel:
         self, tensors: dict[str, np.ndarray], size: int, timing: RunTiming | None = None
     ) -> dict[str, np.ndarray] | None:
         """The outputs of a tiny model's run done at once on the event loop, or None when the
-        request must go through `run` (see BatchScheduler.run_inline)."""
-        outputs = self.scheduler.run_inline(tensors, size, timing)
-        if outputs is not None:
-            for observe in self.observers:
-                observe(tensors, size)
-        return outputs
+        request must go through `run` (see BatchScheduler.can_run_inline). Observers see the
+        request before it runs, as in `run`, whether or not the run succeeds."""
+        scheduler = self.scheduler
+        if not scheduler.can_run_inline(size):
+            return None
+        for observe in self.observers:
+            observe(tensors, size)
+        return scheduler.run_inline(tensors, size, timing)
 
     def use(self) -> _InUse:
         """Hold this version for one request (`with model.use():`); a retired version closes

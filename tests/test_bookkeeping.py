@@ -65,3 +65,25 @@ def test_a_scrape_flushes_what_is_pending_first():
     text, pending = asyncio.run(step())
     assert 'bnserve_compute_duration_seconds_count{model="digits"} 1.0' in text
     assert pending == 0
+
+
+def test_a_loop_that_closed_before_its_flush_does_not_strand_later_calls():
+    later, seen = Bookkeeping(), []
+    loop = asyncio.new_event_loop()
+
+    def answer_then_stop():
+        later(seen.append, 1)  # its flush is due in the next iteration, which never comes
+        loop.stop()
+
+    loop.call_soon(answer_then_stop)
+    loop.run_forever()
+    loop.close()
+    assert seen == []
+    assert len(later) == 1
+
+    async def next_loop():
+        later(seen.append, 2)
+        await asyncio.sleep(0)
+
+    asyncio.run(next_loop())
+    assert seen == [1, 2]

@@ -178,3 +178,66 @@ def test_inline_decision_ignores_runs_slowed_by_waiting_for_the_gil():
     for _ in range(RUN_WINDOW):  # the model really got slower: the window forgets 40 µs
         scheduler._measured(300e-6, 2)
     assert not scheduler.inline(1)
+
+
+def test_observers_see_an_inline_request_before_it_runs_even_when_it_fails(demo_repository):
+    """Live drift and traffic capture see every request before its run, on the loop as on the
+    model's thread, whether or not the run succeeds."""
+    client = started(create_app(Settings(repository=demo_repository, inline_run_us=10**9)))
+    try:
+        client.post(INFER, json={"inputs": [tensor()]})  # measures the model: inline after
+        model = client.app.state.services.registry.get("digits", None)
+        scheduler = model.scheduler
+        assert scheduler.can_run_inline(1)
+        seen = []
+        model.observers.append(lambda tensors, size: seen.append((size, scheduler._busy)))
+        assert client.post(INFER, json={"inputs": [tensor(shape=(2, 1, 8, 8))]}).is_success
+        run = scheduler.run
+
+        def broken(tensors):  # an ONNX Runtime failure, injected
+            raise RuntimeError("kernel failed")
+
+        scheduler.run = broken
+        try:
+            failed = client.post(INFER, json={"inputs": [tensor()]})
+        finally:
+            scheduler.run = run
+        assert failed.status_code == 500
+        assert seen == [(2, 0), (1, 0)]  # before the run took the slot
+        assert scheduler._busy == 0
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_statistics_count_requests_answered_in_the_same_loop_step(demo_repository):
+    """A request's statistics and metrics are recorded after its answer (metrics.later), and
+    whoever reads them flushes first: nothing answered is missing, even within one step."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from service.app import build_services
+    from service.protocol.codec import decode_request
+
+    body = orjson.dumps({"inputs": [tensor()]})
+
+    async def main():
+        plane = build_services(Settings(repository=demo_repository, inline_run_us=10**9))
+        await plane.registry.load_all()
+        request = decode_request("digits", None, body, None)
+        for _ in range(3):  # the first measures the model on its thread, then inline
+            await plane.infer(request)
+        assert plane.registry.get("digits", None).scheduler.can_run_inline(1)
+        for _ in range(2):  # inline: no await suspends, the deferred figures wait
+            await plane.infer(request)
+        pending = len(plane.metrics.later)
+        stats = plane.statistics("digits").model_stats[0]
+        text = generate_latest(plane.metrics.registry).decode()
+        await plane.registry.close()
+        return pending, stats, text
+
+    pending, stats, text = asyncio.run(main())
+    assert pending > 0
+    assert stats.inference_stats.success.count == 5
+    assert stats.execution_count == 5
+    assert 'bnserve_request_batch_size_count{model="digits"} 5.0' in text
