@@ -25,23 +25,23 @@ RESPONSE = (
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(RESPONSE)).encode())]
 
 
-async def lifespan(receive, send) -> None:
-    while (await receive())["type"] != "lifespan.shutdown":
-        await send({"type": "lifespan.startup.complete"})
-    await send({"type": "lifespan.shutdown.complete"})
-
-
-async def app(scope, receive, send) -> None:
-    if scope["type"] == "lifespan":
-        await lifespan(receive, send)
-        return
+async def read_body(receive) -> bytes:
+    """The whole request body, as every server must read it."""
     chunks = []
     while True:
         message = await receive()
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    b"".join(chunks)
+            return b"".join(chunks)
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": RESPONSE})
 

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import uvicorn
 
-from benchmarks.bare_asgi import HEADERS, RESPONSE, keep_freed_memory, lifespan
+from benchmarks import bare_asgi
 from service.runtime import SessionFactory
 
 
@@ -29,20 +29,10 @@ def least_app(model: Path):
     prefix = {"model_name": model.parent.parent.name, "model_version": model.parent.name}
 
     async def app(scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":  # lifespan, readiness probes
+            await bare_asgi.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        if scope["method"] != "POST":  # readiness probes
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            await send({"type": "http.response.body", "body": RESPONSE})
-            return
-        tensor = orjson.loads(b"".join(chunks))["inputs"][0]
+        tensor = orjson.loads(await bare_asgi.read_body(receive))["inputs"][0]
         x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
         if not np.isfinite(x).all():
             raise ValueError("non-finite input")
@@ -66,7 +56,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8101)
     args = parser.parse_args()
-    keep_freed_memory()  # as the floor does (and bnserve's heap does by itself)
+    bare_asgi.keep_freed_memory()  # as the floor does (and bnserve's heap does by itself)
     uvicorn.run(
         least_app(args.model), host=args.host, port=args.port, http="httptools", loop="uvloop",
         access_log=False, log_level="warning", server_header=False, date_header=False,
