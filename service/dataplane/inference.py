@@ -41,32 +41,62 @@ class InferenceService:
         )
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        result = self.infer_now(request)
+        return result if isinstance(result, InferResponse) else await result
+
+    def infer_now(self, request: InferRequest) -> InferResponse | asyncio.Future[InferResponse]:
+        """The response at once when the model runs the request here on the event loop (a
+        tiny model with nothing queued), else a future of it (queued, within the timeout).
+        Checked, admitted and counted the same either way; call it on the event loop."""
         model = self.registry.get(request.model_name, request.model_version)
-        started = time.perf_counter()
-        with model.use():
-            try:
-                checked = self.validate(model, request)
-                decoded = time.perf_counter()
-                timing = RunTiming()
-                results = await self.run(model, checked.tensors, checked.batch_size, timing)
-                finishing = time.perf_counter()
-                outputs = [
-                    OutputTensor(
-                        spec.name,
-                        classify(results[spec.name], spec.classification, model.labels[spec.name])
-                        if spec.classification
-                        else results[spec.name],
-                        spec.binary,
-                    )
-                    for spec in checked.outputs
-                ]
-            except BaseException:
-                model.statistics.failed(time.perf_counter() - started)
-                raise
-            end = time.perf_counter()
-            seconds = (end - started, decoded - started, end - finishing)  # total, in, out
-            self.metrics.later(self._succeeded, model, checked.batch_size, timing, seconds)
-        return InferResponse(model.name, str(model.version), request.id, outputs)
+        call = _Call(model, request)
+        try:
+            checked = call.checked = self.validate(model, request)
+            call.decoded = time.perf_counter()
+            with self.admitted(model):
+                results = model.run_inline(checked.tensors, checked.batch_size, call.timing)
+            if results is None:
+                queued = asyncio.ensure_future(self._queued(call))
+                queued.add_done_callback(call.release)  # the task holds the version until done
+                return queued
+            return self._respond(call, results)
+        except BaseException:
+            model.statistics.failed(time.perf_counter() - call.started)
+            call.release()
+            raise
+
+    async def _queued(self, call: _Call) -> InferResponse:
+        model, checked = call.model, call.checked
+        try:
+            with self.admitted(model):
+                run = model.run(checked.tensors, checked.batch_size, call.timing)
+                results = await self.within_timeout(model, run)
+            return self._respond(call, results)
+        except BaseException:
+            model.statistics.failed(time.perf_counter() - call.started)
+            raise
+
+    def _respond(self, call: _Call, results: dict[str, np.ndarray]) -> InferResponse:
+        """The response from the run's outputs; the request's figures, recorded after it."""
+        model, checked = call.model, call.checked
+        finishing = time.perf_counter()
+        labels = model.labels
+        outputs = [
+            OutputTensor(
+                spec.name,
+                classify(results[spec.name], spec.classification, labels[spec.name])
+                if spec.classification
+                else results[spec.name],
+                spec.binary,
+            )
+            for spec in checked.outputs
+        ]
+        end = time.perf_counter()
+        started = call.started
+        seconds = (end - started, call.decoded - started, end - finishing)  # total, in, out
+        self.metrics.later(self._succeeded, model, checked.batch_size, call.timing, seconds)
+        call.release()
+        return InferResponse(model.name, str(model.version), call.request.id, outputs)
 
     def _succeeded(
         self,
@@ -121,21 +151,6 @@ class InferenceService:
                 f"{self.settings.request_timeout:g} s (BNSERVE_REQUEST_TIMEOUT); abandoned"
             ) from None
 
-    async def run(
-        self,
-        model: LoadedModel,
-        tensors: dict[str, np.ndarray],
-        batch_size: int,
-        timing: RunTiming | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Run one request's tensors, bounded in concurrency, queue length and time."""
-        with self.admitted(model):
-            # A tiny model's run is done on the loop at once: no timeout to arm, no waiting.
-            outputs = model.run_inline(tensors, batch_size, timing)
-            if outputs is not None:
-                return outputs
-            return await self.within_timeout(model, model.run(tensors, batch_size, timing))
-
 
 def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.ndarray:
     """Triton's classification extension: top-k "value:index[:label]" strings per sample."""
@@ -168,3 +183,26 @@ class _Admitted:
 
     def __exit__(self, *exc) -> None:
         self.service.in_flight -= 1
+
+
+class _Call:
+    """One inference request from its checks to its response. It holds the model version
+    (`LoadedModel.use`) until released: at once for a run on the loop, when the queued run's
+    task is done otherwise, whoever awaits it or not."""
+
+    __slots__ = ("_hold", "checked", "decoded", "model", "request", "started", "timing")
+
+    def __init__(self, model: LoadedModel, request: InferRequest) -> None:
+        self.model = model
+        self.request = request
+        self._hold = model.use()
+        self._hold.__enter__()
+        self.started = time.perf_counter()
+        self.decoded = self.started
+        self.checked: ValidatedRequest | None = None
+        self.timing = RunTiming()
+
+    def release(self, _done: object = None) -> None:
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.__exit__(None, None, None)

@@ -198,6 +198,11 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         return await self.inference.infer(request)
 
+    def infer_now(self, request: InferRequest) -> InferResponse | asyncio.Future[InferResponse]:
+        """`infer` without a coroutine: the response when the run happened at once on the
+        event loop (a tiny model), else a future of it."""
+        return self.inference.infer_now(request)
+
     async def stat_drift(self, request: InferRequest) -> StatDriftResponse:
         if self.drift is None:
             raise NotFound("debug endpoints are turned off (BNSERVE_DEBUG_ENDPOINTS=false)")
