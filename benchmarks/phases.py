@@ -33,8 +33,8 @@ from service.runtime import SessionFactory
 # Phase = (label, from event, to event); "sent" and "got" are the client's.
 PHASES = [
     ("client -> service (send, HTTP parse)", "sent", "arrived"),
-    ("body read (size limit, encoding)", "arrived", "body read"),
-    ("decode (model lookup, header, tensors)", "body read", "plane"),
+    ("body read (chunks joined)", "arrived", "body read"),
+    ("decode (request id, model lookup, tensors)", "body read", "plane"),
     ("plane -> validate", "plane", "validate"),
     ("validate (signature, numpy, finiteness)", "validate", "validated"),
     ("admission, queue, hop to the run's thread", "validated", "run"),

@@ -17,16 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-from service import cli, middleware
+from service import cli
+from service.protocol.http1 import Http1Protocol
 
-# (module, class, method, event at entry, event at exit); the request's own events come from
-# the middleware's wrapper (arrived, answering, finished).
+# (module, class, method, event at entry, event at exit), on the path an infer request takes
+# through the HTTP protocol (service.protocol.http1); the request's own events (arrived,
+# answering, finished) come from the wrappers below.
 PROBES = [
-    ("service.middleware", "RequestContextMiddleware", "_read_body", None, "body read"),
-    ("service.dataplane.inference", "InferenceService", "infer", "plane", "plane done"),
+    ("service.protocol.http1", "Http1Protocol", "on_message_complete", "body read", None),
+    ("service.dataplane.inference", "InferenceService", "infer_now", "plane", None),
     ("service.dataplane.inference", "InferenceService", "validate", "validate", "validated"),
-    ("service.dataplane.inference", "InferenceService", "run", None, "run returned"),
     ("service.batching", "BatchScheduler", "_timed_run", "run", "ran"),
+    ("service.dataplane.inference", "InferenceService", "_respond", "run returned", "plane done"),
+    ("service.protocol.http1", "Http1Protocol", "_response", None, "answering"),
 ]
 
 clock = time.perf_counter
@@ -60,23 +63,21 @@ def probe(function, on_entry: str | None, on_exit: str | None):
     return timed
 
 
-_call = middleware.RequestContextMiddleware.__call__
+_headers_complete = Http1Protocol.on_headers_complete
+_answer = Http1Protocol._answer
 
 
-async def traced_call(self, scope, receive, send):
-    if scope["type"] != "http" or scope["method"] != "POST":
-        return await _call(self, scope, receive, send)
-    current.clear()
-    current["arrived"] = clock()
+def traced_headers_complete(self) -> None:
+    if self.parser.get_method() == b"POST":
+        current.clear()
+        current["arrived"] = clock()
+    _headers_complete(self)
 
-    async def traced_send(message):
-        # The answer's bytes go out inside this call: its start is the last moment on the
-        # request's path (uvicorn's bookkeeping after the write overlaps the client).
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            current["answering"] = clock()
-        await send(message)
 
-    await _call(self, scope, receive, traced_send)
+def traced_answer(self, call, answer) -> None:
+    # The answer's bytes go out inside this call, right after "answering"; what follows
+    # (metrics, access log, uvicorn's keep-alive timer) overlaps the client.
+    _answer(self, call, answer)
     current["finished"] = clock()
     requests.append(dict(current))
 
@@ -85,7 +86,8 @@ def main(argv: list[str]) -> int:
     for module, owner, name, on_entry, on_exit in PROBES:
         cls = getattr(importlib.import_module(module), owner)
         setattr(cls, name, probe(getattr(cls, name), on_entry, on_exit))
-    middleware.RequestContextMiddleware.__call__ = traced_call
+    Http1Protocol.on_headers_complete = traced_headers_complete
+    Http1Protocol._answer = traced_answer
     code = cli.main(argv)
     Path(os.environ["BNSERVE_PHASES_OUT"]).write_text(json.dumps(requests))
     return code

@@ -28,6 +28,7 @@ from .live_hooks import close_live, live_hooks
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .model import ServingOptions
+from .protocol.http1 import InferOnWire
 from .protocol.schemas import ErrorResponse, InferenceRequest
 from .registry import ModelRegistry
 from .repository import ModelRepository, VersionPolicy
@@ -55,6 +56,7 @@ class BnserveApp(FastAPI):
     and exception middleware, routing), which alone costs more than a small model's run."""
 
     front: Callable[[dict, Callable, Callable], Awaitable[None]]
+    wire: InferOnWire | None = None  # infer requests the HTTP protocol answers itself
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -153,6 +155,8 @@ def create_app(
         infer=infer.InferRoute(s) if fast_infer else None,
         infer_templates=infer.InferRoute.templates,
     )
+    if fast_infer and settings.http_fast_infer:
+        app.wire = InferOnWire(s, settings.max_request_bytes)
     return app
 
 

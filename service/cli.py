@@ -21,6 +21,7 @@ from .app import create_app
 from .capture import CaptureDirError
 from .config import Settings
 from .logs import configure_logging, shutdown_logging
+from .protocol.http1 import Http1Protocol
 from .state import Services
 
 log = logging.getLogger("bnserve.server")
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.graceful_timeout,
         limit_concurrency=settings.max_connections,
         server_header=False,
+        http=Http1Protocol,  # uvicorn's httptools protocol, answering plain infer requests
     )
     try:
         DrainingServer(config, app.state.services, settings.drain_delay).run()

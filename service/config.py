@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         20.0, ge=0, description="SIGTERM: seconds to let accepted requests finish"
     )
     max_connections: int = Field(1024, ge=1, description="open connections before 503")
+    http_fast_infer: bool = Field(
+        True,
+        description="answer plain POST .../infer in the HTTP protocol, without an ASGI request "
+        "cycle (same answers, less per-request work); false: all through the ASGI app",
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_queue_size: int = Field(

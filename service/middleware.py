@@ -27,6 +27,12 @@ INFERENCE_PATH = re.compile(
 InferEndpoint = Callable[[str, str | None, bytes, str | None, Callable], Awaitable[None]]
 
 
+def request_id_for(supplied: bytes) -> str:
+    """The client's X-Request-ID when it is a safe token, else a new id."""
+    text = supplied.decode("latin-1")
+    return text if _SAFE_ID.match(text) else new_request_id()
+
+
 class TooLarge(Exception):
     pass
 
@@ -58,8 +64,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        supplied = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = supplied if _SAFE_ID.match(supplied) else new_request_id()
+        rid = request_id_for(headers.get(b"x-request-id", b""))
         token = request_id.set(rid)
         started = self.observer.started()
         status = [500]

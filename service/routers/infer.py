@@ -11,12 +11,15 @@ same _infer) and document the API in OpenAPI; they serve when the fast route is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
 from ..dataplane.plane import DataPlane
+from ..dataplane.types import InferResponse
 from ..errors import ServiceError
 from ..protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from ..protocol.schemas import InferenceResponse
@@ -49,12 +52,49 @@ REQUEST_BODY = {
 }
 
 
+@dataclass(slots=True)
+class Answer:
+    """An infer request's HTTP answer: status, body and the headers that go with it."""
+
+    status: int
+    content: bytes
+    headers: dict[str, str]
+    media_type: str | None = None  # content-type, when `headers` has none
+
+
+def start_infer(
+    s: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
+) -> InferResponse | asyncio.Future[InferResponse]:
+    """Decode and run: the response at once for a run on the event loop, else its future."""
+    s.check_model(name, version)  # an unknown model's error says so, not what the body lacks
+    return s.infer_now(decode_request(name, version, body, header_length))
+
+
+def answer_of(result: InferResponse | Exception) -> Answer:
+    """The answer for a response, or for the error raised on the way: what the FastAPI route
+    and the app's exception handlers give."""
+    if isinstance(result, InferResponse):
+        try:
+            content, headers = encode_response(result)
+        except Exception as exc:
+            result = exc
+        else:
+            return Answer(200, content, headers)
+    if isinstance(result, ServiceError):
+        return Answer(
+            result.status_code, orjson.dumps({"error": result.message}), result.headers or {},
+            "application/json",
+        )  # fmt: skip
+    log.error("unhandled error", exc_info=result)
+    content = orjson.dumps({"error": f"internal error ({type(result).__name__})"})
+    return Answer(500, content, {}, "application/json")
+
+
 async def _infer(
     s: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
-) -> tuple[bytes, dict[str, str]]:
-    s.check_model(name, version)  # an unknown model's error says so, not what the body lacks
-    decoded = decode_request(name, version, body, header_length)
-    return encode_response(await s.infer(decoded))
+) -> InferResponse:
+    result = start_infer(s, name, version, body, header_length)
+    return result if isinstance(result, InferResponse) else await result
 
 
 class InferRoute:
@@ -71,33 +111,22 @@ class InferRoute:
         self, name: str, version: str | None, body: bytes, header_length: str | None, send
     ) -> None:
         try:
-            content, headers = await _infer(self.plane, name, version, body, header_length)
-        except ServiceError as exc:
-            content = orjson.dumps({"error": exc.message})
-            await _answer(send, exc.status_code, content, exc.headers, b"application/json")
-            return
+            result = await _infer(self.plane, name, version, body, header_length)
         except Exception as exc:
-            log.exception("unhandled error")
-            content = orjson.dumps({"error": f"internal error ({type(exc).__name__})"})
-            await _answer(send, 500, content, {}, b"application/json")
-            return
-        await _answer(send, 200, content, headers)
-
-
-async def _answer(
-    send, status: int, content: bytes, headers: dict[str, str], media_type: bytes | None = None
-) -> None:
-    raw = [(b"content-length", str(len(content)).encode())]
-    if media_type is not None:
-        raw.append((b"content-type", media_type))
-    raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": content})
+            result = exc
+        answer = answer_of(result)
+        raw = [(b"content-length", str(len(answer.content)).encode())]
+        if answer.media_type is not None:
+            raw.append((b"content-type", answer.media_type.encode()))
+        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+        await send({"type": "http.response.body", "body": answer.content})
 
 
 async def _fastapi_infer(s: Services, request: Request, name: str, version: str | None) -> Response:
     body = await request.body()
-    content, headers = await _infer(s, name, version, body, request.headers.get(HEADER_LENGTH))
+    response = await _infer(s, name, version, body, request.headers.get(HEADER_LENGTH))
+    content, headers = encode_response(response)
     return Response(content, headers=headers)
 
 
