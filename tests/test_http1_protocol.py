@@ -278,3 +278,48 @@ def test_plain_infer_requests_skip_the_asgi_cycle(demo_repository):
         await lifespan
 
     asyncio.run(scenario())
+
+
+def test_queued_requests_release_their_model_version(demo_repository):
+    """A queued request holds its model version (a retired version closes after its last
+    user) until its run is over: answered, failed, or cancelled, through `infer_now`'s future
+    or `infer`'s coroutine."""
+    from service.dataplane.types import InferRequest, InputTensor
+
+    def request(data) -> InferRequest:
+        return InferRequest(
+            "digits", None, [InputTensor("images", "FP32", [1, 1, 8, 8], data=data)]
+        )
+
+    good, bad = request(np.zeros(64, np.float64)), request(np.full(64, np.nan))
+
+    async def scenario() -> None:
+        app = create_app(Settings(repository=demo_repository, grpc_port=0, inline_run_us=0))
+        startup: asyncio.Queue = asyncio.Queue()
+        sent: asyncio.Queue = asyncio.Queue()
+        await startup.put({"type": "lifespan.startup"})
+        lifespan = asyncio.create_task(app({"type": "lifespan"}, startup.get, sent.put))
+        await sent.get()
+        plane = app.state.services
+        while not plane.ready:
+            await asyncio.sleep(0.02)
+        model = plane.registry.get("digits", None)
+
+        answered = plane.infer_now(good)
+        assert isinstance(answered, asyncio.Future)  # inline runs are off: queued
+        assert model._users == 1
+        assert (await answered).outputs[0].array.shape == (1, 10)
+        cancelled = plane.infer_now(good)
+        cancelled.cancel()
+        with pytest.raises(Exception):  # noqa: B017, PT011 - a 400 before any run
+            plane.infer_now(bad)
+        waiting = asyncio.ensure_future(plane.infer(good))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.gather(cancelled, waiting, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        assert model._users == 0
+        await startup.put({"type": "lifespan.shutdown"})
+        await lifespan
+
+    asyncio.run(scenario())

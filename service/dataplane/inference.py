@@ -41,13 +41,28 @@ class InferenceService:
         )
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        result = self.infer_now(request)
-        return result if isinstance(result, InferResponse) else await result
+        call, response = self._start(request)
+        if response is not None:
+            return response
+        try:
+            return await self._queued(call)
+        finally:
+            call.release()
 
     def infer_now(self, request: InferRequest) -> InferResponse | asyncio.Future[InferResponse]:
-        """The response at once when the model runs the request here on the event loop (a
-        tiny model with nothing queued), else a future of it (queued, within the timeout).
-        Checked, admitted and counted the same either way; call it on the event loop."""
+        """`infer` for a caller that is not a coroutine: the response at once when the model
+        runs the request here on the event loop (a tiny model with nothing queued), else a
+        future of it (queued, within the timeout). Call it on the event loop."""
+        call, response = self._start(request)
+        if response is not None:
+            return response
+        queued = asyncio.ensure_future(self._queued(call))
+        queued.add_done_callback(call.release)  # the task holds the version until done
+        return queued
+
+    def _start(self, request: InferRequest) -> tuple[_Call, InferResponse | None]:
+        """Check the request and run it at once if the model runs on the event loop: its
+        response then, else None (the caller queues it with `_queued`, then releases)."""
         model = self.registry.get(request.model_name, request.model_version)
         call = _Call(model, request)
         try:
@@ -55,11 +70,7 @@ class InferenceService:
             call.decoded = time.perf_counter()
             with self.admitted(model):
                 results = model.run_inline(checked.tensors, checked.batch_size, call.timing)
-            if results is None:
-                queued = asyncio.ensure_future(self._queued(call))
-                queued.add_done_callback(call.release)  # the task holds the version until done
-                return queued
-            return self._respond(call, results)
+            return call, None if results is None else self._respond(call, results)
         except BaseException:
             model.statistics.failed(time.perf_counter() - call.started)
             call.release()
@@ -187,8 +198,8 @@ class _Admitted:
 
 class _Call:
     """One inference request from its checks to its response. It holds the model version
-    (`LoadedModel.use`) until released: at once for a run on the loop, when the queued run's
-    task is done otherwise, whoever awaits it or not."""
+    (`LoadedModel.use`) until released: at once for a run on the loop; for a queued run, when
+    `infer` returns or `infer_now`'s task is done, whoever awaits it or not."""
 
     __slots__ = ("_hold", "checked", "decoded", "model", "request", "started", "timing")
 
