@@ -2,7 +2,9 @@
 
 - floor: a bare uvicorn + httptools + uvloop ASGI app that reads the body and answers a fixed
   v2 JSON body (benchmarks/bare_asgi.py);
-- digits demo model, one sample: bnserve with JSON and with binary tensors; and the least any
+- digits demo model, one sample: bnserve with JSON and with binary tensors, and with JSON through
+  the ASGI app (BNSERVE_HTTP_FAST_INFER=false: what the HTTP protocol's own infer path saves);
+  and the least any
   Python server on this stack does for that JSON request (benchmarks/least_python.py: parse,
   refuse NaN/Inf, run, encode; no other check, metric or log), which shows how much of the
   ratio to the floor is the model's own work in Python and how much is bnserve's;
@@ -55,6 +57,7 @@ RATIOS = [
     Ratio("least Python JSON / floor", "least Python, digits JSON", "floor (bare ASGI)", 1.6),
     Ratio("digits JSON / floor", "digits JSON", "floor (bare ASGI)", 1.6),
     Ratio("digits binary / floor", "digits binary", "floor (bare ASGI)", 1.6),
+    Ratio("digits JSON, ASGI path / floor", "digits JSON, ASGI path", "floor (bare ASGI)", 1.6),
     Ratio("ResNet binary (tritonclient) / raw", "ResNet binary tritonclient", "ResNet raw", 1.05),
     Ratio("ResNet binary (http.client) / raw", "ResNet binary http.client", "ResNet raw", 1.05),
     Ratio("ResNet JSON / raw", "ResNet JSON", "ResNet raw", 1.25),
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = BareServer()
     least = BareServer("benchmarks.least_python", "--model", str(digits_model(repository)))
     server = ServiceProcess(repository).wait_ready()
+    asgi = ServiceProcess(repository, env={"BNSERVE_HTTP_FAST_INFER": "false"}).wait_ready()
     try:
         digits_path = "/v2/models/digits/infer"
         calls: dict[str, Callable[[], None]] = {
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             "digits binary": poster(
                 server.port, digits_path, *binary_body_for(digit, "images", "logits")
             ),
+            "digits JSON, ASGI path": poster(asgi.port, digits_path, *json_body(digit, "images")),
         }
         counts = dict.fromkeys(calls, args.small)
         if not args.no_resnet:
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 rounds[way].append(time_block(call, counts[way]))
     finally:
         server.stop()
+        asgi.stop()
         least.stop()
         bare.stop()
 
