@@ -44,6 +44,9 @@ def servers(demo_repository):
             started[name] = ServiceProcess(demo_repository, "--grpc-port", "0", env=env)
         for server in started.values():
             server.wait_ready()
+        warm = request_bytes(INFER, orjson.dumps({"inputs": [tensor()]}))
+        for _ in range(40):  # timed runs: the inline server then runs digits on the loop
+            exchange(started["inline"], warm)
         yield started
     finally:
         for server in started.values():
@@ -196,6 +199,12 @@ def test_clients_that_leave_before_the_answer_do_not_hurt_the_server(servers):
             sock.sendall(request_bytes(INFER, body)[:-10])
     time.sleep(0.5)
     assert exchange(server, request_bytes(INFER, body))[0][0] == 200
+    metrics = exchange(server, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")[0][2].decode()
+    assert "bnserve_requests_in_flight 1.0" in metrics  # the scrape itself: nothing leaked
+    left = [line for line in metrics.splitlines() if 'code="499"' in line]
+    assert left, "the clients that left mid-body are not counted"
+    assert left[0].startswith("bnserve_requests_total"), left
+    assert left[0].endswith(" 20.0"), left
     log = server.output()
     assert "Traceback" not in log, log[-3000:]
     assert '"level":"error"' not in log, log[-3000:]
@@ -273,6 +282,23 @@ def test_plain_infer_requests_skip_the_asgi_cycle(demo_repository):
         protocol.data_received(compressed)
         assert state.tasks, "a compressed body should go through the ASGI app"
         assert (await answered(b"")).startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(0.01)  # the ASGI path's body write
+
+        # Answered inline, then a request for the ASGI app in the same read: the keep-alive
+        # timer armed by the first answer must not run over the second.
+        protocol.data_received(plain + compressed)
+        assert state.tasks
+        assert protocol.timeout_keep_alive_task is None
+        while state.tasks:
+            await asyncio.sleep(0.001)
+
+        # A client that does not read its answers: the ASGI path, which waits for the drain.
+        protocol.pause_writing()
+        protocol.data_received(plain)
+        assert state.tasks, "with writing paused the protocol should not answer by itself"
+        protocol.resume_writing()
+        while state.tasks:
+            await asyncio.sleep(0.001)
         protocol.connection_lost(None)
         await startup.put({"type": "lifespan.shutdown"})
         await lifespan
@@ -285,6 +311,7 @@ def test_queued_requests_release_their_model_version(demo_repository):
     user) until its run is over: answered, failed, or cancelled, through `infer_now`'s future
     or `infer`'s coroutine."""
     from service.dataplane.types import InferRequest, InputTensor
+    from service.errors import BadRequest
 
     def request(data) -> InferRequest:
         return InferRequest(
@@ -311,7 +338,7 @@ def test_queued_requests_release_their_model_version(demo_repository):
         assert (await answered).outputs[0].array.shape == (1, 10)
         cancelled = plane.infer_now(good)
         cancelled.cancel()
-        with pytest.raises(Exception):  # noqa: B017, PT011 - a 400 before any run
+        with pytest.raises(BadRequest, match="NaN or Inf"):
             plane.infer_now(bad)
         waiting = asyncio.ensure_future(plane.infer(good))
         await asyncio.sleep(0)

@@ -10,13 +10,15 @@ that is not plain (chunked or compressed body, Expect: 100-continue, a body over
 percent-encoded path, a connection with a request in progress), goes through the ASGI app as
 before, which answers the same way. Set BNSERVE_HTTP_FAST_INFER=false to send all through it.
 
-The answers are the ASGI endpoint's (routers.infer.answer_of); the request id, metrics and
-access line are the middleware's. Latency metrics start when the body has arrived.
+The answers are the ASGI endpoint's (routers.infer.answer_of); the request id, early 503,
+metrics and access line are the middleware's. A client that leaves before its body is in is
+recorded with status 499.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -28,6 +30,11 @@ from ..errors import Unavailable
 from ..logs import request_id
 from ..middleware import INFERENCE_PATH, request_id_for
 from ..routers.infer import Answer, InferRoute, answer_of, start_infer
+
+log = logging.getLogger("bnserve.http")
+# The status recorded (metrics, access log) for a request whose client left before its body
+# was in: nginx's "client closed request".
+CLIENT_CLOSED = 499
 
 
 class _NoEvent:
@@ -69,7 +76,7 @@ class InferOnWire:
 
     def accept(self, url: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool):
         """An InferCall for a plain POST .../infer (the method was checked), else None."""
-        if b"%" in url:  # the ASGI path unquotes it
+        if b"%" in url or not url.isascii():  # the ASGI path unquotes (or refuses) it
             return None
         match = INFERENCE_PATH.match(url.decode("latin-1"))
         if match is None or match["action"] != "infer":
@@ -94,30 +101,47 @@ class InferOnWire:
             match["model"], match["version"], match.string, header_length, supplied, keep_alive
         )
 
-    def respond(self, call: InferCall, body: bytes) -> Answer | asyncio.Future:
-        """The answer, or a future of the data plane's response for a queued run (then
-        `answer_later`). Starts the call's request id, in-flight count and timing."""
+    def begin(self, call: InferCall) -> Answer | None:
+        """Start the call (request id, in-flight count, timing) when its headers are in; the
+        503 for a request the data plane would refuse now (answered before its body is read,
+        as the middleware does), else None."""
         call.request_id = request_id_for(call.supplied_id)
         call.started = self.observer.started()
         token = request_id.set(call.request_id)
         try:
             refusal = self.plane.refusal(call.model, call.version)
-            if refusal is not None:
-                return answer_of(refusal)
+        except Exception as exc:
+            return answer_of(exc)
+        finally:
+            request_id.reset(token)
+        if refusal is None:
+            return None
+        call.keep_alive = False  # the body is not read: the connection ends with the answer
+        return answer_of(refusal)
+
+    def respond(self, call: InferCall, body: bytes) -> Answer | asyncio.Future:
+        """The answer, or a future of the data plane's response for a queued run (then
+        `answer_later`)."""
+        token = request_id.set(call.request_id)
+        try:
             result = start_infer(self.plane, call.model, call.version, body, call.header_length)
-            if isinstance(result, InferResponse):
-                return answer_of(result)
-            return result
+            return answer_of(result) if isinstance(result, InferResponse) else result
         except Exception as exc:
             return answer_of(exc)
         finally:
             request_id.reset(token)
 
-    def answer_later(self, future: asyncio.Future) -> Answer:
-        if future.cancelled():  # by uvicorn, past the graceful shutdown's timeout
-            return answer_of(Unavailable("the server stopped before this request ran; retry"))
-        exception = future.exception()
-        return answer_of(exception if exception is not None else future.result())
+    def answer_later(self, call: InferCall, future: asyncio.Future) -> Answer:
+        token = request_id.set(call.request_id)  # for the log of an unexpected error
+        try:
+            if future.cancelled():  # by uvicorn past the graceful shutdown's timeout, or unload
+                return answer_of(
+                    Unavailable("the request was cancelled before its run ended; retry")
+                )
+            exception = future.exception()
+            return answer_of(exception if exception is not None else future.result())
+        finally:
+            request_id.reset(token)
 
     def finished(self, call: InferCall, status: int) -> None:
         token = request_id.set(call.request_id)
@@ -145,20 +169,31 @@ class Http1Protocol(HttpToolsProtocol):
         self.chunks: list[bytes] = []
 
     def on_headers_complete(self) -> None:
+        # uvicorn clears the keep-alive timer when data arrives; an answer written while the
+        # same data is still being parsed armed it again, and the next request must not run
+        # under it.
+        self._unset_keepalive_if_required()
         call = None
         if self.wire is not None and self._plain_post():
             call = self.wire.accept(self.url, self.headers, self.parser.should_keep_alive())
         if call is None:
             super().on_headers_complete()
             return
-        self.call = call
         self.cycle = call  # type: ignore[assignment]  # see InferCall
         self.chunks = []
+        refused = self.wire.begin(call)
+        if refused is None:
+            self.call = call
+        else:  # the rest of the body is ignored: uvicorn skips a completed cycle's body
+            self._answer(call, refused)
 
     def _plain_post(self) -> bool:
         """A request that may be answered here: POST over HTTP/1.1, no upgrade, nothing in
-        progress or queued on the connection, within uvicorn's concurrency limit."""
+        progress or queued on the connection, a client that reads its answers (else the ASGI
+        path waits for the write buffer to drain), within uvicorn's concurrency limit."""
         if self.parser.get_method() != b"POST" or self.parser.get_http_version() != "1.1":
+            return False
+        if self.flow.write_paused:
             return False
         if self.parser.should_upgrade() or self.pipeline:
             return False
@@ -188,16 +223,30 @@ class Http1Protocol(HttpToolsProtocol):
         # A queued run: graceful shutdown waits for it (uvicorn waits for its tasks).
         self.tasks.add(result)
         result.add_done_callback(self.tasks.discard)
-        result.add_done_callback(lambda done: self._answer(call, self.wire.answer_later(done)))
+        result.add_done_callback(
+            lambda done: self._answer(call, self.wire.answer_later(call, done))
+        )
 
     def _answer(self, call: InferCall, answer: Answer) -> None:
         call.response_complete = True
-        if not call.disconnected and not self.transport.is_closing():
-            self.transport.write(self._response(call, answer))
-            if not call.keep_alive:
-                self.transport.close()
-        self.wire.finished(call, answer.status)
-        self.on_response_complete()  # uvicorn: next pipelined request, or keep-alive timer
+        try:
+            if not call.disconnected and not self.transport.is_closing():
+                self.transport.write(self._response(call, answer))
+                if not call.keep_alive:
+                    self.transport.close()
+        except Exception:  # never leave the connection waiting for an answer
+            log.exception("writing an infer answer failed")
+            self.transport.close()
+        finally:
+            self.wire.finished(call, answer.status)
+            self.on_response_complete()  # uvicorn: next pipelined request, or keep-alive timer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        call, self.call = self.call, None
+        if call is not None:  # left before its body was in: never answered
+            call.response_complete = True
+            self.wire.finished(call, CLIENT_CLOSED)
+        super().connection_lost(exc)
 
     def _response(self, call: InferCall, answer: Answer) -> bytes:
         parts = [STATUS_LINE[answer.status]]
