@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from uvicorn.server import ServerState
 
 from service.app import create_app
@@ -157,6 +159,46 @@ def test_pipelined_requests_are_answered_in_order(servers):
                 got = exchange(servers[name], *sequence)
                 assert [h["x-request-id"] for _, h, _ in got] == ids, name
                 assert [(s, b) for s, _, b in got] == [(s, b) for s, _, b in expected], name
+
+
+@pytest.fixture(scope="module")
+def oracle(servers) -> dict[int, tuple[int, bytes]]:
+    """The ASGI path's answer to each case that keeps the connection open (a pipeline can go on
+    behind it), by case number."""
+    answers = {}
+    for number, (path, body, headers) in enumerate(CASES + EXTRA_CASES):
+        status, got_headers, content = exchange(
+            servers["asgi"], request_bytes(path, body, headers)
+        )[0]
+        if got_headers.get("connection") != "close":
+            answers[number] = (status, content)
+    return answers
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_pipelines_in_random_pieces_get_the_asgi_answers(servers, oracle, data):
+    """Randomized: a pipeline of requests, good and bad, sent in pieces cut at random bytes,
+    to both protocol-path servers: each answer, in order, is the ASGI path's."""
+    cases = data.draw(st.lists(st.sampled_from(sorted(oracle)), min_size=1, max_size=5))
+    requests = []
+    for position, number in enumerate(cases):
+        path, body, headers = (CASES + EXTRA_CASES)[number]
+        requests.append(request_bytes(path, body, {**headers, "x-request-id": f"p{position}"}))
+    raw = b"".join(requests)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(raw) - 1), max_size=6)))
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    for name in ("inline", "queued"):
+        with connect(servers[name]) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.001)
+            reader = Reader(sock)
+            for position, number in enumerate(cases):
+                status, headers, content = reader.response()
+                assert headers["x-request-id"] == f"p{position}", name
+                assert (status, content) == oracle[number], (name, number)
 
 
 def test_keep_alive_then_connection_close(servers):

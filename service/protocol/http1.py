@@ -8,7 +8,8 @@ and, when the model runs on the event loop, answered in the same callback, in on
 otherwise its queued run's future answers when done. Everything else, and every infer request
 that is not plain (chunked or compressed body, Expect: 100-continue, a body over the limit, a
 percent-encoded path, a connection with a request in progress, a client whose answers are not
-being read), goes through the ASGI app as before, which answers the same way. Set BNSERVE_HTTP_FAST_INFER=false to send all through it.
+being read), goes through the ASGI app as before, which answers the same way. Set
+BNSERVE_HTTP_FAST_INFER=false to send all through it.
 
 The answers are the ASGI endpoint's (routers.infer.answer_of); the request id, early 503,
 metrics and access line are the middleware's. A client that leaves before its body is in is
