@@ -27,6 +27,13 @@ INFERENCE_PATH = re.compile(
 InferEndpoint = Callable[[str, str | None, bytes, str | None, Callable], Awaitable[None]]
 
 
+def declared_size(digits: bytes) -> int:
+    """A Content-Length's value (ASCII digits), at most 10**18: an absurdly long one (with or
+    without leading zeros) must not make int() raise or build a huge number."""
+    digits = digits.lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
 def request_id_for(supplied: bytes) -> str:
     """The client's X-Request-ID when it is a safe token, else a new id."""
     text = supplied.decode("latin-1")
@@ -125,8 +132,10 @@ class RequestContextMiddleware:
 
     async def _read_body(self, headers: dict, receive) -> bytes:
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise TooLarge(self._too_large(int(declared)))
+        if declared is not None and declared.isdigit():
+            size = declared_size(declared)
+            if size > self.max_body:
+                raise TooLarge(self._too_large(size))
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -29,7 +29,7 @@ from ..dataplane.plane import DataPlane
 from ..dataplane.types import InferResponse
 from ..errors import Unavailable
 from ..logs import request_id
-from ..middleware import INFERENCE_PATH, request_id_for
+from ..middleware import INFERENCE_PATH, declared_size, request_id_for
 from ..routers.infer import Answer, InferRoute, answer_of, start_infer
 
 log = logging.getLogger("bnserve.http")
@@ -96,7 +96,7 @@ class InferOnWire:
                     return None
             elif name in (b"transfer-encoding", b"expect"):
                 return None
-        if length is None or not length.isdigit() or int(length) > self.max_body:
+        if length is None or not length.isdigit() or declared_size(length) > self.max_body:
             return None  # no length (chunked), or over the limit: the ASGI path answers 413
         return InferCall(
             match["model"], match["version"], match.string, header_length, supplied, keep_alive
@@ -174,6 +174,10 @@ class Http1Protocol(HttpToolsProtocol):
         # same data is still being parsed armed it again, and the next request must not run
         # under it.
         self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            # A refusal closed the connection while requests behind it were in the same read:
+            # they are not started (the completed call stays the cycle; uvicorn skips bodies).
+            return
         call = None
         if self.wire is not None and self._plain_post():
             call = self.wire.accept(self.url, self.headers, self.parser.should_keep_alive())
