@@ -92,9 +92,13 @@ class Reader:
         return int(status_line.split()[1]), headers, body
 
     def closed(self) -> bool:
-        """True when the server closed the connection (nothing more to read)."""
+        """True when the server closed the connection (nothing more to read). A server that
+        closes with request bytes unread (a 413 before the body) makes the kernel reset it."""
         self.sock.settimeout(5)
-        return not self.buffer and not self._fill()
+        try:
+            return not self.buffer and not self._fill()
+        except ConnectionResetError:
+            return not self.buffer
 
 
 def connect(server: ServiceProcess) -> socket.socket:
