@@ -19,7 +19,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from ..dataplane.plane import DataPlane
-from ..dataplane.types import InferResponse
+from ..dataplane.types import InferRequest, InferResponse
 from ..errors import ServiceError
 from ..protocol.codec import HEADER_LENGTH, decode_request, encode_response
 from ..protocol.schemas import InferenceResponse
@@ -62,12 +62,18 @@ class Answer:
     media_type: str | None = None  # content-type, when `headers` has none
 
 
+def _decoded(
+    s: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
+) -> InferRequest:
+    s.check_model(name, version)  # an unknown model's error says so, not what the body lacks
+    return decode_request(name, version, body, header_length)
+
+
 def start_infer(
     s: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
 ) -> InferResponse | asyncio.Future[InferResponse]:
     """Decode and run: the response at once for a run on the event loop, else its future."""
-    s.check_model(name, version)  # an unknown model's error says so, not what the body lacks
-    return s.infer_now(decode_request(name, version, body, header_length))
+    return s.infer_now(_decoded(s, name, version, body, header_length))
 
 
 def answer_of(result: InferResponse | Exception) -> Answer:
@@ -93,8 +99,8 @@ def answer_of(result: InferResponse | Exception) -> Answer:
 async def _infer(
     s: DataPlane, name: str, version: str | None, body: bytes, header_length: str | None
 ) -> InferResponse:
-    result = start_infer(s, name, version, body, header_length)
-    return result if isinstance(result, InferResponse) else await result
+    # Awaited in this task (DataPlane.infer), not through infer_now's task of its own.
+    return await s.infer(_decoded(s, name, version, body, header_length))
 
 
 class InferRoute:
