@@ -38,6 +38,24 @@ import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
+
+class RequestIdScope:
+    """`with RequestIdScope(rid):` log lines inside carry that request id (a plain context
+    manager, not a generator one: it is on the hot path of every request the HTTP protocol
+    answers)."""
+
+    __slots__ = ("rid", "token")
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+
+    def __enter__(self) -> None:
+        self.token = request_id.set(self.rid)
+
+    def __exit__(self, *exc) -> None:
+        request_id.reset(self.token)
+
+
 # Request ids: 16 random hex digits per process, then a counter: unique across restarts and
 # replicas like a uuid4's 32 hex digits, at a tenth of the cost (no os.urandom per request).
 _ID_PREFIX = secrets.token_hex(8)

@@ -28,7 +28,7 @@ from ..dataplane.observe import CallObserver
 from ..dataplane.plane import DataPlane
 from ..dataplane.types import InferResponse
 from ..errors import Unavailable
-from ..logs import request_id
+from ..logs import RequestIdScope
 from ..middleware import INFERENCE_PATH, declared_size, request_id_for
 from ..routers.infer import Answer, InferRoute, answer_of, start_infer
 
@@ -108,13 +108,11 @@ class InferOnWire:
         as the middleware does), else None."""
         call.request_id = request_id_for(call.supplied_id)
         call.started = self.observer.started()
-        token = request_id.set(call.request_id)
-        try:
-            refusal = self.plane.refusal(call.model, call.version)
-        except Exception as exc:
-            return answer_of(exc)
-        finally:
-            request_id.reset(token)
+        with RequestIdScope(call.request_id):
+            try:
+                refusal = self.plane.refusal(call.model, call.version)
+            except Exception as exc:
+                return answer_of(exc)
         if refusal is None:
             return None
         call.keep_alive = False  # the body is not read: the connection ends with the answer
@@ -123,30 +121,24 @@ class InferOnWire:
     def respond(self, call: InferCall, body: bytes) -> Answer | asyncio.Future:
         """The answer, or a future of the data plane's response for a queued run (then
         `answer_later`)."""
-        token = request_id.set(call.request_id)
-        try:
-            result = start_infer(self.plane, call.model, call.version, body, call.header_length)
+        with RequestIdScope(call.request_id):
+            try:
+                result = start_infer(self.plane, call.model, call.version, body, call.header_length)
+            except Exception as exc:
+                return answer_of(exc)
             return answer_of(result) if isinstance(result, InferResponse) else result
-        except Exception as exc:
-            return answer_of(exc)
-        finally:
-            request_id.reset(token)
 
     def answer_later(self, call: InferCall, future: asyncio.Future) -> Answer:
-        token = request_id.set(call.request_id)  # for the log of an unexpected error
-        try:
+        with RequestIdScope(call.request_id):  # for the log of an unexpected error
             if future.cancelled():  # by uvicorn past the graceful shutdown's timeout, or unload
                 return answer_of(
                     Unavailable("the request was cancelled before its run ended; retry")
                 )
             exception = future.exception()
             return answer_of(exception if exception is not None else future.result())
-        finally:
-            request_id.reset(token)
 
     def finished(self, call: InferCall, status: int) -> None:
-        token = request_id.set(call.request_id)
-        try:
+        with RequestIdScope(call.request_id):
             self.observer.finished(
                 call.started,
                 endpoint=self.templates[call.version is not None],
@@ -155,8 +147,6 @@ class InferOnWire:
                 method="POST",
                 path=call.path,
             )
-        finally:
-            request_id.reset(token)
 
 
 class Http1Protocol(HttpToolsProtocol):
