@@ -11,6 +11,7 @@ sockets, so pipelining, keep-alive, split bodies and clients that leave can be c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import time
@@ -294,6 +295,24 @@ class Transport(asyncio.Transport):
         pass
 
 
+@contextlib.asynccontextmanager
+async def running(settings: Settings):
+    """The app with its lifespan started and its repository loaded, in this event loop."""
+    app = create_app(settings)
+    startup: asyncio.Queue = asyncio.Queue()
+    sent: asyncio.Queue = asyncio.Queue()
+    await startup.put({"type": "lifespan.startup"})
+    lifespan = asyncio.create_task(app({"type": "lifespan"}, startup.get, sent.put))
+    assert (await sent.get())["type"] == "lifespan.startup.complete"
+    while not app.state.services.ready:
+        await asyncio.sleep(0.02)
+    try:
+        yield app
+    finally:
+        await startup.put({"type": "lifespan.shutdown"})
+        await lifespan
+
+
 def test_plain_infer_requests_skip_the_asgi_cycle(demo_repository):
     """In process: a tiny model's request is answered inside the protocol's data_received, in
     one write, with no ASGI task; a compressed one goes through the ASGI app."""
@@ -302,14 +321,10 @@ def test_plain_infer_requests_skip_the_asgi_cycle(demo_repository):
     compressed = request_bytes(INFER, gzip.compress(body), {"content-encoding": "gzip"})
 
     async def scenario() -> None:
-        app = create_app(Settings(repository=demo_repository, grpc_port=0))
-        startup: asyncio.Queue = asyncio.Queue()
-        sent: asyncio.Queue = asyncio.Queue()
-        await startup.put({"type": "lifespan.startup"})
-        lifespan = asyncio.create_task(app({"type": "lifespan"}, startup.get, sent.put))
-        assert (await sent.get())["type"] == "lifespan.startup.complete"
-        while not app.state.services.ready:
-            await asyncio.sleep(0.02)
+        async with running(Settings(repository=demo_repository, grpc_port=0)) as app:
+            await exercise(app)
+
+    async def exercise(app) -> None:
         config = uvicorn.Config(app, http=Http1Protocol, log_config=None)
         config.load()
         state = ServerState()
@@ -369,8 +384,6 @@ def test_plain_infer_requests_skip_the_asgi_cycle(demo_repository):
         assert transport.closing
         assert not state.tasks
         protocol.connection_lost(None)
-        await startup.put({"type": "lifespan.shutdown"})
-        await lifespan
 
     asyncio.run(scenario())
 
@@ -400,15 +413,11 @@ def test_queued_requests_release_their_model_version(demo_repository):
     good, bad = request(np.zeros(64, np.float64)), request(np.full(64, np.nan))
 
     async def scenario() -> None:
-        app = create_app(Settings(repository=demo_repository, grpc_port=0, inline_run_us=0))
-        startup: asyncio.Queue = asyncio.Queue()
-        sent: asyncio.Queue = asyncio.Queue()
-        await startup.put({"type": "lifespan.startup"})
-        lifespan = asyncio.create_task(app({"type": "lifespan"}, startup.get, sent.put))
-        await sent.get()
-        plane = app.state.services
-        while not plane.ready:
-            await asyncio.sleep(0.02)
+        settings = Settings(repository=demo_repository, grpc_port=0, inline_run_us=0)
+        async with running(settings) as app:
+            await exercise(app.state.services)
+
+    async def exercise(plane) -> None:
         model = plane.registry.get("digits", None)
 
         answered = plane.infer_now(good)
@@ -425,7 +434,5 @@ def test_queued_requests_release_their_model_version(demo_repository):
         await asyncio.gather(cancelled, waiting, return_exceptions=True)
         await asyncio.sleep(0.05)
         assert model._users == 0
-        await startup.put({"type": "lifespan.shutdown"})
-        await lifespan
 
     asyncio.run(scenario())
