@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from .batching import BatchingConfig, BatchScheduler
 from .card import ModelCard
 from .dataplane.statistics import ModelStatistics, RunTiming
+from .errors import BadRequest
 from .metrics import Metrics
 from .protocol.datatypes import ORT_TO_V2
 from .repository import ModelLoadError, VersionFiles
@@ -121,7 +123,10 @@ class LoadedModel:
         return config
 
     def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.session.run(self.output_names, tensors)
+        try:
+            results = self.session.run(self.output_names, tensors)
+        except InvalidArgument as exc:  # inputs ORT refuses (a size the model cannot take)
+            raise BadRequest(f"model '{self.name}' cannot run these inputs: {exc}") from None
         return dict(zip(self.output_names, results, strict=True))
 
     async def run(

@@ -109,7 +109,8 @@ class ModelRegistry:
                     f"model '{name}' has no ready version: {self.why_unavailable(entry)}"
                 )
             return latest
-        number = int(version) if version.isdigit() else None
+        # isdigit() alone accepts '²' (int() raises) and '١' (would mean 1): ASCII digits only
+        number = int(version) if version.isascii() and version.isdigit() else None
         status = entry.versions.get(number) if number is not None else None
         if status is None:
             listed = [str(v) for v in sorted(entry.versions)]

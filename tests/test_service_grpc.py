@@ -39,7 +39,8 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 def zoo(demo_repository, tmp_path_factory):
     """digits; a two-input model with dynamic batching set in its model.json; the same graph
     declared with a fixed batch of 2 (the exporter always writes a dynamic batch axis, so its
-    model.json is edited); a version whose model.onnx is corrupt."""
+    model.json is edited); a version whose model.onnx is corrupt; a 3x3 convolution over images
+    of any size (ONNX Runtime refuses those smaller than 3x3)."""
     repo = tmp_path_factory.mktemp("grpc-zoo")
     shutil.copytree(demo_repository / "digits", repo / "digits")
     nodes = [
@@ -51,6 +52,8 @@ def zoo(demo_repository, tmp_path_factory):
     fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="fixed")  # fmt: skip
     fold_onnx(model(nodes, weights, {"a": [None, 4], "b": [None, 3]}, {"sum": None}), repository=repo, name="broken")  # fmt: skip
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    conv = [helper.make_node("Conv", ["x", "k"], ["y"])]
+    fold_onnx(model(conv, [const("k", rand(1, 1, 3, 3))], {"x": [None, 1, None, None]}, {"y": None}), repository=repo, name="conv")  # fmt: skip
     card = repo / "pair" / "1" / "model.json"
     document = json.loads(card.read_text())
     document["serving"] = {"max_batch_size": 4, "max_queue_delay_us": 700}
@@ -304,6 +307,32 @@ def test_errors_carry_the_status_and_message_rest_gives(  # noqa: PLR0917
     got = grpc_error(grpc_infer, client, x, model_name, tensor=tensor, model_version=version)
     assert got[0] == f"StatusCode.{code}"
     assert got[1] == rest_error(httpx.post(f"{server.url}{rest_path}", json=rest_body), status)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "version", "tensor", "shape", "rest_path", "code", "status", "fragment"),
+    [
+        # str.isdigit() is true for these, but they are no version number.
+        ("digits", "²", "images", (1, 1, 8, 8), "/v2/models/digits/versions/%C2%B2/infer", "NOT_FOUND", 404, "has no version '²'; expected one of ['1']"),
+        ("digits", "١", "images", (1, 1, 8, 8), "/v2/models/digits/versions/%D9%A1/infer", "NOT_FOUND", 404, "has no version '١'"),
+        ("digits", "", "images", (0, 1, 8, 8), "/v2/models/digits/infer", "INVALID_ARGUMENT", 400, "batch size 0; expected at least 1"),
+        # The signature allows any size; ONNX Runtime refuses a 2x2 image for a 3x3 kernel.
+        ("conv", "", "x", (1, 1, 2, 2), "/v2/models/conv/infer", "INVALID_ARGUMENT", 400, "model 'conv' cannot run these inputs"),
+    ],
+)  # fmt: skip
+def test_client_errors_past_the_signature_check_are_not_internal(  # noqa: PLR0917
+    client, server, model_name, version, tensor, shape, rest_path, code, status, fragment
+):
+    x = np.full(shape, 0.5, np.float32)
+    got = grpc_error(grpc_infer, client, x, model_name, tensor=tensor, model_version=version)
+    assert got[0] == f"StatusCode.{code}"
+    assert fragment in got[1]
+    body = {"inputs": [{"name": tensor, "shape": list(shape), "datatype": "FP32", "data": x.ravel().tolist()}]}  # fmt: skip
+    assert got[1] == rest_error(httpx.post(f"{server.url}{rest_path}", json=body), status)
+    for classified in ({"classification": 3},) if shape[0] == 0 else ():  # no 500 either
+        item = {**body["inputs"][0]}
+        answer = httpx.post(f"{server.url}{rest_path}", json={"inputs": [item], "outputs": [{"name": "logits", "parameters": classified}]})  # fmt: skip
+        assert "batch size 0" in rest_error(answer, 400)
 
 
 def infer_request(raw: list[bytes], shape=(1, 1, 8, 8), datatype="FP32", count=1):

@@ -67,6 +67,8 @@ def validate(
     batch_sizes = {a.shape[0] for a in tensors.values() if a.ndim}
     if len(batch_sizes) > 1:
         raise BadRequest(f"inputs have batch sizes {sorted(batch_sizes)}; expected one")
+    if 0 in batch_sizes:  # nothing to run, and no batch statistics of zero samples
+        raise BadRequest("inputs have batch size 0; expected at least 1 sample")
     return ValidatedRequest(
         request=request,
         tensors=tensors,
