@@ -48,7 +48,8 @@ def parse(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """SIGTERM first turns readiness false (REST and gRPC) and keeps serving for drain_delay
     seconds (so load balancers stop sending), then closes both listeners and lets accepted
-    requests and calls finish within graceful_timeout. A second signal exits at once."""
+    requests and calls finish within graceful_timeout. A second SIGTERM ends the drain delay
+    at once; SIGINT (Ctrl-C) during shutdown exits at once, cancelling the calls in flight."""
 
     def __init__(self, config: uvicorn.Config, services: Services, drain_delay: float) -> None:
         super().__init__(config)
@@ -68,13 +69,25 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         """Stop gRPC from taking new calls when HTTP stops, and drain both at once."""
         grpc_server = getattr(self.config.app.state, "grpc", None)
-        if grpc_server is not None:
-            stopping = asyncio.ensure_future(
-                grpc_server.stop(self.config.timeout_graceful_shutdown)
-            )
-        await super().shutdown(sockets)
-        if grpc_server is not None:
+        if grpc_server is None:
+            await super().shutdown(sockets)
+            return
+        stopping = asyncio.ensure_future(grpc_server.stop(self.config.timeout_graceful_shutdown))
+        # Beside uvicorn's shutdown, which waits in the app's lifespan for this same stop.
+        watching = asyncio.ensure_future(self._cancel_calls_on_force_exit(grpc_server, stopping))
+        try:
+            await super().shutdown(sockets)
             await stopping
+        finally:
+            watching.cancel()
+
+    async def _cancel_calls_on_force_exit(self, grpc_server, stopping: asyncio.Future) -> None:
+        """uvicorn cuts its own waits short on a second SIGINT (force_exit); so does gRPC."""
+        while not stopping.done():
+            if self.force_exit:
+                await grpc_server.stop_now()
+                return
+            await asyncio.wait({stopping}, timeout=0.1)
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_started is not None and not self.should_exit:

@@ -266,7 +266,7 @@ def test_repository_calls_need_the_admin_token(client, server):
     wrong = grpc_error(client.get_model_repository_index, headers={"authorization": "Bearer no"})
     assert wrong[0] == "StatusCode.UNAUTHENTICATED"
     index = client.get_model_repository_index(headers=AUTH, as_json=True)["models"]
-    assert {row["name"] for row in index} == {"digits", "pair", "fixed", "broken"}
+    assert {row["name"] for row in index} == {"digits", "pair", "fixed", "broken", "conv"}
     broken = next(row for row in index if row["name"] == "broken")
     assert broken["state"] == "UNAVAILABLE"
     assert "sha256" in broken["reason"]
@@ -479,6 +479,76 @@ def test_full_queue_is_unavailable_and_slow_requests_deadline_exceeded(small_rep
             "inference on model 'small' took longer than 0.01 s (BNSERVE_REQUEST_TIMEOUT); "
             "abandoned"
         )
+
+
+def unfinished_call(port: int):
+    """A bare HTTP/2 connection with a ModelInfer call whose message never finishes arriving:
+    in flight in the server until the connection closes."""
+    from benchmarks.h2client import DATA, END_HEADERS, HEADERS, GrpcConnection, _literal, frame
+
+    conn = GrpcConnection("127.0.0.1", port)
+    headers = b"".join(
+        _literal(k, v)
+        for k, v in ((b":method", b"POST"), (b":scheme", b"http"), (b":path", INFER.encode()),
+                     (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
+                     (b"te", b"trailers"))
+    )  # fmt: skip
+    partial = b"\x00" + (1000).to_bytes(4, "big") + b"\x0a\x06digits"  # 1000 bytes declared
+    conn.sock.sendall(frame(HEADERS, END_HEADERS, 1, headers) + frame(DATA, 0, 1, partial))
+    return conn
+
+
+def test_calls_past_the_connection_limit_are_refused_until_one_ends(
+    demo_repository, digits_samples
+):
+    """BNSERVE_MAX_CONNECTIONS caps the gRPC calls in flight, as it caps REST's: grpcio
+    refuses calls past it before their handler runs, and serves again once one ends."""
+    request = service_pb2.ModelInferRequest(model_name="digits")
+    x = digits_samples["in_distribution"][:1]
+    request.inputs.add(name="images", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    with ServiceProcess(demo_repository, env={"BNSERVE_MAX_CONNECTIONS": "2"}) as server:
+        stuck = [unfinished_call(server.grpc_port) for _ in range(2)]
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "Concurrent RPC limit exceeded" in caught.value.details()
+            stuck[0].close()  # its call ends: a slot is free
+            deadline, refused = time.monotonic() + 10, set()
+            while time.monotonic() < deadline:  # the server learns of the close a moment later
+                try:
+                    answer = stub.ModelInfer(request, timeout=10)
+                    break
+                except grpc.RpcError as exc:
+                    refused.add(exc.code())
+                    time.sleep(0.05)
+            else:
+                pytest.fail("no slot after a call ended")
+            assert answer.model_name == "digits"
+            assert refused <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        stuck[1].close()
+
+
+def test_sigint_during_the_drain_cancels_grpc_calls_and_exits(demo_repository):
+    """SIGTERM waits up to BNSERVE_GRACEFUL_TIMEOUT for a call in flight; Ctrl-C then exits at
+    once, as uvicorn does for REST, instead of waiting out the grace period."""
+    env = {"BNSERVE_DRAIN_DELAY": "0", "BNSERVE_GRACEFUL_TIMEOUT": "60"}
+    server = ServiceProcess(demo_repository, env=env).wait_ready()
+    try:
+        conn = unfinished_call(server.grpc_port)
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert server.process.poll() is None, "the graceful stop waits for the call in flight"
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(15)
+        assert time.monotonic() - sent < 10
+        conn.close()
+    finally:
+        server.stop()
 
 
 def test_sigterm_drains_rest_and_grpc_then_exits(demo_repository):

@@ -20,7 +20,8 @@ class GrpcServer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         settings = plane.settings
-        self.address = f"{settings.host}:{settings.grpc_port}"
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6
+        self.address = f"{host}:{settings.grpc_port}"
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes + CORE_LIMIT_SLACK),
@@ -28,6 +29,9 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", settings.max_connections),
                 ("grpc.so_reuseport", 0),
             ],
+            # REST's limit_concurrency (503 past it): grpcio answers RESOURCE_EXHAUSTED
+            # "Concurrent RPC limit exceeded!" to calls past it before their handler runs.
+            maximum_concurrent_rpcs=settings.max_connections,
         )
         self.server.add_generic_rpc_handlers((Servicer(plane).handlers(),))
         self._stopping: asyncio.Task | None = None
@@ -46,3 +50,9 @@ class GrpcServer:
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self.server.stop(grace))
         await asyncio.shield(self._stopping)
+
+    async def stop_now(self) -> None:
+        """Cancel the calls still in flight (a second signal); a graceful stop ends with it."""
+        await self.server.stop(0)
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
