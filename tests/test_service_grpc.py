@@ -21,6 +21,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper
 from onnx_builders import const, model, rand
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -413,6 +415,101 @@ def test_non_finite_inputs_are_refused(stub):
     code, message = call_status(stub, infer_request([x.tobytes()]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "NaN or Inf" in message
+
+
+# Per-sample dims of the zoo's inputs (None: any size), for requests that are nearly right.
+SIGNATURES = {
+    "digits": {"images": (1, 8, 8)},
+    "pair": {"a": (4,), "b": (3,)},
+    "fixed": {"a": (4,), "b": (3,)},
+    "conv": {"x": (1, None, None)},
+}
+DATATYPES = ["FP32", "FP64", "FP16", "BF16", "INT8", "UINT8", "INT64", "BOOL", "BYTES", "fp32", ""]
+CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,  # the broken model
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+MUTATIONS = [
+    "version", "model", "batch 0", "datatype", "shape", "short data", "long data",
+    "extra raw", "drop input", "twice", "unknown input", "int contents", "non-finite",
+    "classification", "unknown output", "typed and raw",
+]  # fmt: skip
+
+
+@st.composite
+def hostile_infer_requests(draw) -> service_pb2.ModelInferRequest:
+    """A right request for one of the zoo's models (any image size for conv), then a few
+    random mistakes: the model or version, names, datatypes, shapes, data of the wrong size or
+    kind, non-finite values, outputs and their classification parameter."""
+    name = draw(st.sampled_from(list(SIGNATURES)))
+    batch = 2 if name == "fixed" else draw(st.integers(1, 3))
+    mistakes = set(draw(st.lists(st.sampled_from(MUTATIONS), max_size=3)))
+    if "batch 0" in mistakes:
+        batch = 0
+    version = ""
+    if "version" in mistakes:
+        odd = st.sampled_from(["1", "2", "0", "01", "²", "١", "-1", " 1"]) | st.text(max_size=3)
+        version = draw(odd)
+    if "model" in mistakes:
+        name = draw(st.sampled_from(["broken", "nope"]) | st.text(max_size=6))
+    request = service_pb2.ModelInferRequest(model_name=name, model_version=version)
+    signature = SIGNATURES.get(name, SIGNATURES["digits"])
+    names = list(signature)
+    if "drop input" in mistakes:
+        names = names[1:]
+    if "twice" in mistakes:
+        names = names + names[:1]
+    if "unknown input" in mistakes:
+        names.append(draw(st.text(max_size=4)))
+    typed = "int contents" in mistakes or draw(st.integers(0, 3)) == 0
+    for input_name in names:
+        dims = signature.get(input_name, (1, 8, 8))
+        shape = [batch, *(draw(st.integers(0, 12)) if d is None else d for d in dims)]
+        if "shape" in mistakes:
+            shape = draw(st.lists(st.integers(-2, 9) | st.sampled_from([2**31, 2**40]), max_size=5))  # fmt: skip
+        datatype = draw(st.sampled_from(DATATYPES)) if "datatype" in mistakes else "FP32"
+        tensor = request.inputs.add(name=input_name, datatype=datatype, shape=shape)
+        count = min(max(0, int(np.prod(shape, dtype=np.float64))), 4096)
+        count += -1 if "short data" in mistakes else 1 if "long data" in mistakes else 0
+        values = np.full(max(count, 0), 0.25, np.float32)
+        if "non-finite" in mistakes and values.size:
+            values[draw(st.integers(0, values.size - 1))] = draw(st.sampled_from([np.nan, np.inf]))
+        if "int contents" in mistakes:
+            tensor.contents.int_contents.extend([1] * max(count, 0))
+        elif typed:
+            tensor.contents.fp32_contents.extend(values.tolist())
+        if not typed or "typed and raw" in mistakes:
+            request.raw_input_contents.append(values.tobytes())
+    if "extra raw" in mistakes:
+        request.raw_input_contents.append(draw(st.binary(max_size=64)))
+    if "classification" in mistakes or "unknown output" in mistakes:
+        output = {"digits": "logits", "pair": "sum", "fixed": "sum", "conv": "y"}.get(name, "y")
+        wanted = request.outputs.add(name="nope" if "unknown output" in mistakes else output)
+        which = draw(st.sampled_from(["int", "int", "string", "bool"]))
+        if which == "int":
+            wanted.parameters["classification"].int64_param = draw(st.integers(-3, 2**40))
+        elif which == "string":
+            wanted.parameters["classification"].string_param = draw(st.text(max_size=3))
+        else:
+            wanted.parameters["classification"].bool_param = True
+    return request
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=hostile_infer_requests())
+def test_no_request_gets_internal(stub, request):
+    """Randomized: whatever a client sends, the answer is OK or a client-error status with a
+    message, never INTERNAL or UNKNOWN (and the server goes on; see the next test)."""
+    call = stub.ModelInfer.future(request, timeout=30)
+    code, details = call.code(), call.details()
+    if code != grpc.StatusCode.OK:
+        assert code in CLIENT_ERRORS, (code, details, request)
+        assert details, code
+        assert not details.startswith("internal error"), details
 
 
 def test_still_serving_after_the_hostile_calls(client, server, digits_samples):
