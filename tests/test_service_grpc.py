@@ -143,6 +143,9 @@ def test_health_and_server_metadata(client, server):
     assert client.is_model_ready("digits")
     assert client.is_model_ready("digits", "1")
     assert not client.is_model_ready("broken")
+    # Unknown models and versions are not ready, as Triton answers (REST: 404 with the reason).
+    assert not client.is_model_ready("nope")
+    assert not client.is_model_ready("digits", "7")
     metadata = client.get_server_metadata(as_json=True)
     assert metadata == httpx.get(f"{server.url}/v2").json()
     assert {"statistics", "binary_tensor_data", "classification"} <= set(metadata["extensions"])
@@ -230,6 +233,11 @@ def test_model_config_reports_the_batch_limit_as_triton_does(client, server):
     fixed = httpx.get(f"{server.url}/v2/models/fixed/config").json()
     assert fixed["max_batch_size"] == 0
     assert [t["dims"] for t in fixed["input"]] == [[2, 4], [2, 3]]
+    # One version's config, over both protocols (Triton's /versions/{v}/config route).
+    assert httpx.get(f"{server.url}/v2/models/digits/versions/1/config").json() == digits
+    assert int(client.get_model_config("digits", "1", as_json=True)["config"]["max_batch_size"]) == digits["max_batch_size"]  # fmt: skip
+    missing = httpx.get(f"{server.url}/v2/models/digits/versions/7/config")
+    assert grpc_error(client.get_model_config, "digits", "7") == ("StatusCode.NOT_FOUND", rest_error(missing, 404))  # fmt: skip
 
 
 def test_statistics_count_requests_samples_and_runs(client, server, digits_samples):

@@ -57,3 +57,13 @@ async def version_ready(model_name: str, model_version: str, s: ServicesDep):
 async def model_config(model_name: str, s: ServicesDep):
     """The model's configuration in Triton's JSON form, for Triton tooling (perf_analyzer)."""
     return s.model_config(model_name)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/config",
+    response_model=TritonModelConfig,
+    response_model_exclude_none=True,
+)
+async def version_config(model_name: str, model_version: str, s: ServicesDep):
+    """One version's configuration (Triton's route; gRPC ModelConfig takes a version too)."""
+    return s.model_config(model_name, model_version)

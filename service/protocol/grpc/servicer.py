@@ -123,7 +123,12 @@ class Servicer:
         return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def model_ready(self, request, context):
-        state = self.plane.model_ready(request.name, request.version or None)
+        """As Triton's: an unknown model or version is not ready (OK), not NOT_FOUND, so
+        tritonclient's is_model_ready answers False instead of raising."""
+        try:
+            state = self.plane.model_ready(request.name, request.version or None)
+        except errors.NotFound:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=state.ready)
 
     async def server_metadata(self, request, context):
