@@ -95,6 +95,7 @@ class RequestContextMiddleware:
                 try:
                     body = await self._read_body(headers, receive)
                 except TooLarge as exc:
+                    self.observer.refused_too_large()
                     await _error(send_with_id, 413, str(exc))
                     return
                 except BadEncoding as exc:

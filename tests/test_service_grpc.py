@@ -405,13 +405,22 @@ def test_malformed_protobuf_gets_invalid_argument(raw_call, payload):
     assert "not a valid ModelInferRequest protobuf message" in caught.value.details()
 
 
+def refused_too_large(server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith('bnserve_rejected_requests_total{model="",reason="too_large"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_messages_over_the_limit_get_resource_exhausted(stub, server):
+    before = refused_too_large(server)
     code, message = call_status(stub, infer_request([b"\0" * (MAX_BODY + 1)]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "exceeds the limit of 262144 bytes (BNSERVE_MAX_REQUEST_BYTES)" in message
     assert "exceeds the limit of 262144 bytes" in rest_error(
         httpx.post(f"{server.url}/v2/models/digits/infer", content=b"x" * (MAX_BODY + 1)), 413
     )
+    assert refused_too_large(server) == before + 2  # one counter, whichever protocol refused
     # Far over it, grpcio itself refuses before reading the message into memory.
     code, _ = call_status(stub, infer_request([b"\0" * (MAX_BODY + 4 * 1024 * 1024)]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -18,11 +18,16 @@ class CallObserver:
         metrics.in_flight.set_function(lambda: self.in_flight)
         self.requests = metrics.requests
         self.latency = metrics.latency
+        self.too_large = metrics.rejected.labels("", "too_large")
         self.known_model = known_model
 
     def started(self) -> float:
         self.in_flight += 1
         return time.perf_counter()
+
+    def refused_too_large(self) -> None:
+        """A request over BNSERVE_MAX_REQUEST_BYTES, whichever protocol refused it."""
+        self.too_large.inc()
 
     def finished(
         self, started: float, *, endpoint: str, model: str, code: int | str, method: str, path: str

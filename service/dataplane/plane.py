@@ -181,7 +181,7 @@ class DataPlane:
     def check_size(self, size: int, what: str = "request body") -> None:
         """413 / RESOURCE_EXHAUSTED past BNSERVE_MAX_REQUEST_BYTES."""
         if size > self.settings.max_request_bytes:
-            self.metrics.rejected.labels("", "too_large").inc()
+            self.observer.refused_too_large()
             raise too_large(size, self.settings.max_request_bytes, what)
 
     def refusal(self, name: str, version: str | None) -> ServiceError | None:
