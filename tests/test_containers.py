@@ -298,8 +298,10 @@ def test_compose_profiles():
     assert "ports" not in replica
     assert lb["depends_on"] == {"replica": {"condition": "service_healthy"}}
     assert "./docker/nginx.conf:/etc/nginx/nginx.conf:ro" in lb["volumes"]
-    assert len(lb["ports"]) == 1
-    assert "http://replica:8000" in (DOCKER / "nginx.conf").read_text()
+    assert [p.split(":")[-1] for p in lb["ports"]] == ["8080", "8081"]  # REST, gRPC
+    conf = (DOCKER / "nginx.conf").read_text()
+    assert "http://replica:8000" in conf
+    assert "grpc://replica:8001" in conf
 
 
 def compose_command() -> list[str] | None:
@@ -369,6 +371,71 @@ def test_nginx_config(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def test_nginx_proxies_rest_and_grpc(tmp_path, demo_repository, digits_samples):
+    """The scale profile's nginx.conf, run by Debian's nginx with the replica name swapped for
+    a bnserve on 127.0.0.1: REST and gRPC infer through it give the replica's own answers."""
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    from service.launcher import ServiceProcess
+
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
+    )
+    if not nginx:
+        pytest.skip("nginx not installed (Debian: apt-get install nginx)")
+    x = np.asarray(digits_samples["in_distribution"][:2], np.float32)
+    body = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()  # fmt: skip
+    with ServiceProcess(demo_repository) as server:
+        rest_port, grpc_port = free_port(), free_port()
+        conf = (DOCKER / "nginx.conf").read_text()
+        for old, new in {
+            "listen 8080;": f"listen 127.0.0.1:{rest_port};",
+            "listen 8081 http2;": f"listen 127.0.0.1:{grpc_port} http2;",
+            "http://replica:8000": f"http://127.0.0.1:{server.port}",
+            "grpc://replica:8001": f"grpc://{server.grpc_address}",
+            "pid /tmp/nginx.pid;": f"pid {tmp_path / 'nginx.pid'};",
+        }.items():
+            assert old in conf, old
+            conf = conf.replace(old, new)
+        if os.geteuid() == 0:  # workers must read the temp folders the master creates
+            conf = "user root;\n" + conf
+        (tmp_path / "nginx.conf").write_text(conf)
+        process = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-e", "stderr", "-c", str(tmp_path / "nginx.conf"),
+             "-g", "daemon off;"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while http_status(f"http://127.0.0.1:{rest_port}/nginx/health") != 200:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.1)
+            infer = "/v2/models/digits/infer"
+            proxied = http(f"http://127.0.0.1:{rest_port}{infer}", body)
+            assert proxied == http(f"{server.url}{infer}", body)
+            assert proxied[0] == 200
+
+            def grpc_logits(address: str) -> np.ndarray:
+                with tg.InferenceServerClient(address) as client:
+                    assert client.is_model_ready("digits")
+                    item = tg.InferInput("images", list(x.shape), "FP32")
+                    item.set_data_from_numpy(x)
+                    return client.infer("digits", [item]).as_numpy("logits")
+
+            through = grpc_logits(f"127.0.0.1:{grpc_port}")
+            assert through.shape == (2, 10)
+            assert through.tobytes() == grpc_logits(server.grpc_address).tobytes()
+            with tg.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+                with pytest.raises(tg.InferenceServerException) as caught:  # errors pass too
+                    client.get_model_metadata("nope")
+                assert caught.value.status() == "StatusCode.NOT_FOUND"
+        finally:
+            process.terminate()
+            process.wait(10)
 
 
 def test_shell_scripts_parse():
@@ -467,11 +534,16 @@ def test_service_command_line_read_only_repository(readonly_repository):
     service = compose_file()["services"]["service"]
     mapping = {"/opt/venv/bin/python": sys.executable, "/models": str(repo)}
     mapping |= {dest: str(src) for dest, src in stage.copies().items()}
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = image_env(
         stage,
         service,
-        {"BNSERVE_HOST": "127.0.0.1", "BNSERVE_PORT": str(port), "BNSERVE_REPOSITORY": str(repo)},
+        {
+            "BNSERVE_HOST": "127.0.0.1",
+            "BNSERVE_PORT": str(port),
+            "BNSERVE_GRPC_PORT": str(grpc_port),
+            "BNSERVE_REPOSITORY": str(repo),
+        },
     )
     command = image_command(stage, mapping)
     assert command == [sys.executable, "-m", "service"]
@@ -500,6 +572,7 @@ def test_service_command_line_read_only_repository(readonly_repository):
         status, body = http(f"{base}/v2/models/digits/infer", sample)
         assert status == 200, body
         assert json.loads(body)["outputs"][0]["name"] == "logits"
+        grpc_serves_digits(f"127.0.0.1:{grpc_port}", sample)
         status, body = http(f"{base}/metrics")
         assert status == 200
         assert b"bnserve_" in body
@@ -650,9 +723,10 @@ def _host_mode_compose(env: dict[str, str], tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_compose_build_up_and_serve(engine, tmp_path):
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = dict(engine, COMPOSE_PROJECT_NAME=PROJECT, BNSERVE_TAG="test")
     env["BNSERVE_TEST_PORT"] = str(port)
+    env["BNSERVE_TEST_GRPC_PORT"] = str(grpc_port)
     env.update(_build_inputs(env))
     timings = {}
 
@@ -709,6 +783,7 @@ def test_compose_build_up_and_serve(engine, tmp_path):
         status, body = http(f"{base}/v2/models/digits/infer", sample, timeout=30)
         assert status == 200, body
         assert json.loads(body)["outputs"][0]["shape"][1] == 10
+        grpc_serves_digits(f"127.0.0.1:{grpc_port}", sample)
         assert http(f"{base}/metrics")[0] == 200
 
         # non-root, read-only repository, no torch, configured by BNSERVE_ variables only
@@ -772,6 +847,24 @@ def test_compose_build_up_and_serve(engine, tmp_path):
     report = {k: f"{v:.1f} s" for k, v in timings.items()}
     report |= {k: f"{v / 1e6:.0f} MB" for k, v in sizes.items()}
     print("\ncontainer timings and sizes:", json.dumps(report, indent=1))
+
+
+def grpc_serves_digits(address: str, sample_json: bytes) -> None:
+    """ServerReady and one ModelInfer over the image's gRPC port, through tritonclient: the
+    same logits as the JSON sample's REST answer would carry (checked by shape and finiteness;
+    the bitwise REST/gRPC match is tests/test_service_grpc.py's)."""
+    import numpy as np
+    import tritonclient.grpc as tg
+
+    data = json.loads(sample_json)["inputs"][0]
+    x = np.asarray(data["data"], np.float32).reshape(data["shape"])
+    with tg.InferenceServerClient(address) as client:
+        assert client.is_server_ready()
+        item = tg.InferInput(data["name"], list(x.shape), "FP32")
+        item.set_data_from_numpy(x)
+        logits = client.infer("digits", [item]).as_numpy("logits")
+    assert logits.shape == (x.shape[0], 10)
+    assert np.isfinite(logits).all()
 
 
 def http_status(url: str) -> int | None:

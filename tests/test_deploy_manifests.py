@@ -202,7 +202,7 @@ def test_kserve_custom_v2_predictor():
     assert env["BNSERVE_REPOSITORY"] == "/mnt/models"
     assert container["ports"][0]["containerPort"] == int(env["BNSERVE_PORT"])
     assert container["ports"][1] == {
-        "name": "h2c", "containerPort": int(env["BNSERVE_GRPC_PORT"]), "protocol": "TCP"
+        "name": "grpc-port", "containerPort": int(env["BNSERVE_GRPC_PORT"]), "protocol": "TCP"
     }  # fmt: skip
     assert _probe_paths(container)["readinessProbe"] == "/v2/health/ready"
     assert _probe_paths(container)["livenessProbe"] == "/v2/health/live"
