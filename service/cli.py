@@ -64,6 +64,11 @@ class DrainingServer(uvicorn.Server):
             log.info("SIGTERM: not ready; closing in %.1f s", self.drain_delay)
             return
         self.services.draining = True
+        if sig == signal.SIGTERM and not self.should_exit:
+            # A stop, not an interruption: uvicorn would re-raise a SIGTERM it captured once
+            # shut down (exit 143); with or without a drain delay the drain ends with exit 0.
+            self.should_exit = True
+            return
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:

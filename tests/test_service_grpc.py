@@ -202,6 +202,23 @@ def test_classification_matches_rest(client, rest, digits_samples):
     assert got.tolist() == rest_out.as_numpy("logits").tolist()
 
 
+def test_classification_of_an_image_output_ranks_all_of_each_samples_values(client, rest):
+    """As Triton: a (N, 1, H, W) output's classes are each sample's H*W values (this crashed
+    on a reshape before the randomized test found it)."""
+    x = np.random.default_rng(10).standard_normal((2, 1, 5, 4)).astype(np.float32)
+    y = grpc_infer(client, x, "conv", tensor="x").as_numpy("y")  # (2, 1, 3, 2)
+    wanted = [tg.InferRequestedOutput("y", class_count=4)]
+    got = grpc_infer(client, x, "conv", tensor="x", outputs=wanted).as_numpy("y")
+    flat = y.reshape(2, -1)
+    top = np.argsort(-flat, axis=1, kind="stable")[:, :4]
+    expected = [[f"{flat[n, i]:f}:{i}".encode() for i in top[n]] for n in range(2)]
+    assert got.tolist() == expected
+    item = th.InferInput("x", list(x.shape), "FP32")
+    item.set_data_from_numpy(x)
+    outputs = [th.InferRequestedOutput("y", class_count=4)]
+    assert rest.infer("conv", [item], outputs=outputs).as_numpy("y").tolist() == expected
+
+
 def test_two_inputs_with_dynamic_batching(client):
     a, b = rand(3, 4), rand(3, 3)
     inputs = []
@@ -643,6 +660,34 @@ def test_calls_past_the_connection_limit_are_refused_until_one_ends(
             assert answer.model_name == "digits"
             assert refused <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
         stuck[1].close()
+
+
+def test_a_call_in_flight_at_sigterm_completes(small_repo):
+    """SIGTERM closes the listeners, and a gRPC call already in the service still gets its
+    answer before the process exits 0."""
+    x = np.random.default_rng(9).standard_normal((2048, 3, 32, 32)).astype(np.float32)
+    env = {"BNSERVE_DRAIN_DELAY": "0", "BNSERVE_MAX_BATCH_SIZE": "0"}
+    server = ServiceProcess(small_repo, env=env).wait_ready()
+
+    def in_flight() -> float:  # the scrape itself is one
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            if line.startswith("bnserve_requests_in_flight "):
+                return float(line.split()[1])
+        return 0.0
+
+    try:
+        with ThreadPoolExecutor(1) as pool, tg.InferenceServerClient(server.grpc_address) as c:
+            call = pool.submit(grpc_infer, c, x, "small", tensor="x", client_timeout=120)
+            deadline = time.monotonic() + 60
+            while in_flight() < 2:
+                assert time.monotonic() < deadline, "the call never reached the service"
+                assert not call.done(), call.result()
+                time.sleep(0.005)
+            server.process.send_signal(signal.SIGTERM)
+            assert call.result(timeout=120).get_response().outputs[0].shape[0] == 2048
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
 
 
 def test_sigint_during_the_drain_cancels_grpc_calls_and_exits(demo_repository):

@@ -166,8 +166,10 @@ class InferenceService:
 def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.ndarray:
     """Triton's classification extension: top-k "value:index[:label]" strings per sample."""
     if scores.ndim < 1 or scores.dtype == object:
-        raise BadRequest("classification needs a numeric output with classes on the last axis")
-    flat = scores.reshape(scores.shape[0] if scores.ndim > 1 else 1, -1)
+        raise BadRequest("classification needs a numeric output; expected one with classes")
+    # As Triton: per sample, the classes are all of its values (an image output's too).
+    batched = scores.ndim > 1
+    flat = scores.reshape(scores.shape[0] if batched else 1, -1)
     k = min(top_k, flat.shape[1])
     order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
     rows = []
@@ -177,7 +179,8 @@ def classify(scores: np.ndarray, top_k: int, labels: list[str] | None) -> np.nda
             label = f":{labels[index]}" if labels and index < len(labels) else ""
             cells.append(f"{float(row[index]):f}:{int(index)}{label}".encode())
         rows.append(cells)
-    return np.array(rows, dtype=np.object_).reshape((*scores.shape[:-1], k))
+    table = np.array(rows, dtype=np.object_).reshape(len(rows), k)
+    return table if batched else table.reshape(k)
 
 
 class _Admitted:
