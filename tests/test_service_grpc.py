@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import grpc
 import httpx
@@ -476,12 +477,13 @@ MUTATIONS = [
 
 @st.composite
 def hostile_infer_requests(draw) -> service_pb2.ModelInferRequest:
-    """A right request for one of the zoo's models (any image size for conv), then a few
-    random mistakes: the model or version, names, datatypes, shapes, data of the wrong size or
-    kind, non-finite values, outputs and their classification parameter."""
+    """A right request for one of the zoo's models (any image size for conv; classification
+    asked for a third of the time), then up to two random mistakes: the model or version,
+    names, datatypes, shapes, data of the wrong size or kind, non-finite values, outputs and
+    their classification parameter."""
     name = draw(st.sampled_from(list(SIGNATURES)))
     batch = 2 if name == "fixed" else draw(st.integers(1, 3))
-    mistakes = set(draw(st.lists(st.sampled_from(MUTATIONS), max_size=3)))
+    mistakes = set(draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)))
     if "batch 0" in mistakes:
         batch = 0
     version = ""
@@ -520,12 +522,14 @@ def hostile_infer_requests(draw) -> service_pb2.ModelInferRequest:
             request.raw_input_contents.append(values.tobytes())
     if "extra raw" in mistakes:
         request.raw_input_contents.append(draw(st.binary(max_size=64)))
-    if "classification" in mistakes or "unknown output" in mistakes:
+    classified = draw(st.integers(0, 2)) == 0  # a feature, not a mistake: often asked for
+    if classified or "classification" in mistakes or "unknown output" in mistakes:
         output = {"digits": "logits", "pair": "sum", "fixed": "sum", "conv": "y"}.get(name, "y")
         wanted = request.outputs.add(name="nope" if "unknown output" in mistakes else output)
-        which = draw(st.sampled_from(["int", "int", "string", "bool"]))
+        which = "int" if "classification" not in mistakes else draw(st.sampled_from(["int", "string", "bool"]))  # fmt: skip
         if which == "int":
-            wanted.parameters["classification"].int64_param = draw(st.integers(-3, 2**40))
+            top = st.integers(-3, 2**40) if "classification" in mistakes else st.integers(1, 12)
+            wanted.parameters["classification"].int64_param = draw(top)
         elif which == "string":
             wanted.parameters["classification"].string_param = draw(st.text(max_size=3))
         else:
@@ -544,6 +548,44 @@ def test_no_request_gets_internal(stub, request):
         assert code in CLIENT_ERRORS, (code, details, request)
         assert details, code
         assert not details.startswith("internal error"), details
+
+
+def as_rest(request: service_pb2.ModelInferRequest) -> tuple[str, bytes, dict]:
+    """The same request over REST: JSON data for typed contents, binary for raw contents."""
+    version = f"/versions/{quote(request.model_version, safe='')}" if request.model_version else ""
+    path = f"/v2/models/{quote(request.model_name, safe='')}{version}/infer"
+    raw, inputs, blobs = list(request.raw_input_contents), [], []
+    for index, item in enumerate(request.inputs):
+        entry = {"name": item.name, "shape": list(item.shape), "datatype": item.datatype}
+        contents = item.contents
+        if contents.fp32_contents or contents.int_contents:
+            entry["data"] = list(contents.fp32_contents) or list(contents.int_contents)
+        if index < len(raw):
+            entry["parameters"] = {"binary_data_size": len(raw[index])}
+            blobs.append(raw[index])
+        inputs.append(entry)
+    outputs = []
+    for item in request.outputs:
+        value = item.parameters.get("classification")
+        kind = value.WhichOneof("parameter_choice") if value is not None else None
+        parameters = {"classification": getattr(value, kind)} if kind else {}
+        outputs.append({"name": item.name, "parameters": parameters})
+    header = json.dumps({"inputs": inputs, **({"outputs": outputs} if outputs else {})}).encode()
+    if blobs:
+        return path, header + b"".join(blobs), {"inference-header-content-length": str(len(header))}  # fmt: skip
+    return path, header, {"content-type": "application/json"}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=hostile_infer_requests())
+def test_no_rest_request_gets_a_500(server, request):
+    """The randomized requests above, over REST (JSON and binary tensors): a 4xx or the
+    broken model's 503 with an error message, never a 500."""
+    path, body, headers = as_rest(request)
+    answer = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
+    if answer.status_code != 200:
+        assert 400 <= answer.status_code < 500 or answer.status_code == 503, (answer.text, path, body[:300])  # fmt: skip
+        assert answer.json()["error"], answer.text
 
 
 def test_still_serving_after_the_hostile_calls(client, server, digits_samples):
