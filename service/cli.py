@@ -48,8 +48,10 @@ def parse(argv: list[str] | None = None) -> Settings:
 class DrainingServer(uvicorn.Server):
     """SIGTERM first turns readiness false (REST and gRPC) and keeps serving for drain_delay
     seconds (so load balancers stop sending), then closes both listeners and lets accepted
-    requests and calls finish within graceful_timeout. A second SIGTERM ends the drain delay
-    at once; SIGINT (Ctrl-C) during shutdown exits at once, cancelling the calls in flight."""
+    requests and calls finish within graceful_timeout; the process then exits 0. A second
+    SIGTERM, or a Ctrl-C, ends the drain delay at once; a Ctrl-C while the listeners are
+    closed and calls drain (a second one, during a drain delay) stops waiting for them: uvicorn
+    stops waiting for its requests, and the gRPC calls still in flight are cancelled."""
 
     def __init__(self, config: uvicorn.Config, services: Services, drain_delay: float) -> None:
         super().__init__(config)
@@ -64,9 +66,9 @@ class DrainingServer(uvicorn.Server):
             log.info("SIGTERM: not ready; closing in %.1f s", self.drain_delay)
             return
         self.services.draining = True
-        if sig == signal.SIGTERM and not self.should_exit:
-            # A stop, not an interruption: uvicorn would re-raise a SIGTERM it captured once
-            # shut down (exit 143); with or without a drain delay the drain ends with exit 0.
+        if sig == signal.SIGTERM:
+            # A stop, not an interruption: uvicorn would re-raise any SIGTERM it captured once
+            # shut down (exit 143, before the log queue is flushed); the drain ends with exit 0.
             self.should_exit = True
             return
         super().handle_exit(sig, frame)
@@ -90,13 +92,17 @@ class DrainingServer(uvicorn.Server):
         """uvicorn cuts its own waits short on a second SIGINT (force_exit); so does gRPC."""
         while not stopping.done():
             if self.force_exit:
-                await grpc_server.stop_now()
+                try:
+                    await grpc_server.stop_now()
+                except Exception:  # the graceful stop still ends it, at the grace period
+                    log.exception("cancelling the gRPC calls in flight failed")
                 return
             await asyncio.wait({stopping}, timeout=0.1)
 
     async def on_tick(self, counter: int) -> bool:
-        if self.drain_started is not None and not self.should_exit:
-            self.should_exit = time.monotonic() - self.drain_started >= self.drain_delay
+        started = self.drain_started
+        if started is not None and time.monotonic() - started >= self.drain_delay:
+            self.should_exit = True  # only ever set: a signal may have set it meanwhile
         return await super().on_tick(counter)
 
 

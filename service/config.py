@@ -87,9 +87,7 @@ class Settings(BaseSettings):
     graceful_timeout: float = Field(
         20.0, ge=0, description="SIGTERM: seconds to let accepted requests finish"
     )
-    max_connections: int = Field(
-        1024, ge=1, description="open connections (REST; 503 past it), calls in flight (gRPC)"
-    )
+    max_connections: int = Field(1024, ge=1, description="open connections before 503")
     http_fast_infer: bool = Field(
         True,
         description="answer plain POST .../infer in the HTTP protocol, without an ASGI request "

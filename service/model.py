@@ -57,6 +57,10 @@ class LoadedModel:
         self.labels = self.card.labels()
         self._check_signature()
         self.output_names = [o.name for o in self.outputs]
+        # ORT would also print an error line per refused input (a client's 400): quiet, the
+        # exception carries the message.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         # A dynamic first axis on every tensor: requests may carry several samples, and
         # batches of requests can be split back per request.
         self.batch_axis = all(t.shape and t.shape[0] == -1 for t in (*self.inputs, *self.outputs))
@@ -124,7 +128,7 @@ class LoadedModel:
 
     def run_sync(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            results = self.session.run(self.output_names, tensors)
+            results = self.session.run(self.output_names, tensors, self._run_options)
         except InvalidArgument as exc:  # inputs ORT refuses (a size the model cannot take)
             raise BadRequest(f"model '{self.name}' cannot run these inputs: {exc}") from None
         return dict(zip(self.output_names, results, strict=True))

@@ -171,7 +171,7 @@ def _contents(item) -> np.ndarray | list:
     given = [name for name in CONTENT_FIELDS if len(getattr(contents, name))]
     expected = CONTENTS.get(item.datatype)
     if expected is None:  # FP16, BF16 or unknown: the data plane names the datatype problem
-        if given:
+        if given or (item.datatype == "FP16" and any(d != 0 for d in item.shape)):
             raise BadRequest(
                 f"input '{item.name}' of datatype {item.datatype} has no typed contents field; "
                 "expected raw_input_contents"

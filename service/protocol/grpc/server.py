@@ -29,9 +29,6 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", settings.max_connections),
                 ("grpc.so_reuseport", 0),
             ],
-            # REST's limit_concurrency (503 past it): grpcio answers RESOURCE_EXHAUSTED
-            # "Concurrent RPC limit exceeded!" to calls past it before their handler runs.
-            maximum_concurrent_rpcs=settings.max_connections,
         )
         self.server.add_generic_rpc_handlers((Servicer(plane).handlers(),))
         self._stopping: asyncio.Task | None = None
