@@ -75,11 +75,9 @@ class GrpcConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def unary(self, path: str, message: bytes, timeout: float | None = None) -> bytes:
-        """Send one serialized request message; the serialized response message."""
-        stream = self.next_stream
-        self.next_stream += 2
-        headers = b"".join(
+    def request_headers(self, path: str, timeout: float | None = None) -> bytes:
+        """A unary call's HEADERS block (HPACK literals)."""
+        return b"".join(
             _literal(name, value)
             for name, value in (
                 (b":method", b"POST"),
@@ -91,6 +89,12 @@ class GrpcConnection:
                 *(((b"grpc-timeout", f"{int(timeout)}S".encode()),) if timeout else ()),
             )
         )
+
+    def unary(self, path: str, message: bytes, timeout: float | None = None) -> bytes:
+        """Send one serialized request message; the serialized response message."""
+        stream = self.next_stream
+        self.next_stream += 2
+        headers = self.request_headers(path, timeout)
         if message is not self._framed[0]:  # a message sent again is framed once
             self._framed = (message, memoryview(b"\x00" + _HEAD.pack(len(message)) + message))
         body = self._framed[1]
@@ -115,7 +119,7 @@ class GrpcConnection:
             if sent == total:
                 break
             self._read_frame(stream, None)  # until a WINDOW_UPDATE opens room
-        return self._response(stream)
+        return self.response(stream)
 
     def _send_all(self, parts: list) -> None:
         views = [memoryview(p) for p in parts]
@@ -129,12 +133,13 @@ class GrpcConnection:
                     views[0] = views[0][count:]
                     count = 0
 
-    def _response(self, stream: int) -> bytes:
+    def response(self, stream: int) -> bytes:
+        """Read frames until `stream` ends; its response message."""
         data = bytearray()
         done = False
         while not done:
             done = self._read_frame(stream, data)
-        del self.stream_windows[stream]
+        self.stream_windows.pop(stream, None)  # a stream started by hand has none
         if len(data) < 5:
             raise CallFailed(f"stream {stream}: no response message (an error status)")
         (length,) = _HEAD.unpack_from(data, 1)
@@ -176,8 +181,9 @@ class GrpcConnection:
                 self.send_window += increment
             elif sid in self.stream_windows:
                 self.stream_windows[sid] += increment
-        elif kind == GOAWAY:
-            raise CallFailed("the server sent GOAWAY")
+        elif kind == GOAWAY:  # streams up to its last stream id still end normally
+            if stream > _HEAD.unpack_from(payload)[0] & MAX_WINDOW:
+                raise CallFailed("the server sent GOAWAY before this call")
         elif sid == stream:
             if kind == RST_STREAM:
                 raise CallFailed(f"stream {stream} reset by the server")

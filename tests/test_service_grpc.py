@@ -666,54 +666,24 @@ def unfinished_call(port: int, message: bytes | None = None, sent: int = 8):
     """A bare HTTP/2 connection with a ModelInfer call whose message has not finished
     arriving (its first `sent` bytes only): in flight in the server until the rest comes
     (`finish_call`) or the connection closes. Returns (connection, the bytes not sent)."""
-    from benchmarks.h2client import DATA, END_HEADERS, HEADERS, GrpcConnection, _literal, frame
+    from benchmarks.h2client import DATA, END_HEADERS, HEADERS, GrpcConnection, frame
 
     message = message if message is not None else b"\x0a\x06digits" + b"\0" * 992
     conn = GrpcConnection("127.0.0.1", port)
-    headers = b"".join(
-        _literal(k, v)
-        for k, v in ((b":method", b"POST"), (b":scheme", b"http"), (b":path", INFER.encode()),
-                     (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
-                     (b"te", b"trailers"))
-    )  # fmt: skip
     framed = b"\x00" + len(message).to_bytes(4, "big") + message
     first, rest = framed[: 5 + sent], framed[5 + sent :]
+    headers = conn.request_headers(INFER)
     conn.sock.sendall(frame(HEADERS, END_HEADERS, 1, headers) + frame(DATA, 0, 1, first))
     return conn, rest
 
 
 def finish_call(conn, rest: bytes) -> bytes:
-    """Send the rest of an unfinished call's message and read its answer's message (a GOAWAY
-    from a server shutting down does not end the call)."""
-    from benchmarks.h2client import (
-        ACK,
-        DATA,
-        END_STREAM,
-        HEADERS,
-        PING,
-        RST_STREAM,
-        SETTINGS,
-        frame,
-    )
+    """Send the rest of an unfinished call's message; its answer's message (the GOAWAY of a
+    server shutting down does not end the call)."""
+    from benchmarks.h2client import DATA, END_STREAM, frame
 
     conn.sock.sendall(frame(DATA, END_STREAM, 1, rest))
-    data = bytearray()
-    while True:
-        head = conn._recv_exactly(9)
-        length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
-        stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
-        payload = bytes(conn._recv_exactly(length)) if length else b""
-        if kind == SETTINGS and not flags & ACK:
-            conn.sock.sendall(frame(SETTINGS, ACK, 0))
-        elif kind == PING and not flags & ACK:
-            conn.sock.sendall(frame(PING, ACK, 0, payload))
-        elif stream == 1 and kind == RST_STREAM:
-            pytest.fail("the server reset the call")
-        elif stream == 1 and kind == DATA:
-            data += payload
-        if stream == 1 and kind in (DATA, HEADERS) and flags & END_STREAM:
-            assert len(data) >= 5, "no answer message (an error status)"
-            return bytes(data[5:])
+    return conn.response(1)
 
 
 def test_a_call_in_flight_at_sigterm_completes(demo_repository, digits_samples):

@@ -170,15 +170,16 @@ def _contents(item) -> np.ndarray | list:
     contents = item.contents
     given = [name for name in CONTENT_FIELDS if len(getattr(contents, name))]
     expected = CONTENTS.get(item.datatype)
+    wants_data = any(d != 0 for d in item.shape)
     if expected is None:  # FP16, BF16 or unknown: the data plane names the datatype problem
-        if given or (item.datatype == "FP16" and any(d != 0 for d in item.shape)):
+        if given or (item.datatype == "FP16" and wants_data):
             raise BadRequest(
                 f"input '{item.name}' of datatype {item.datatype} has no typed contents field; "
                 "expected raw_input_contents"
             )
         return []
     field, dtype = expected
-    if not given and any(d != 0 for d in item.shape) and item.shape:
+    if not given and wants_data:
         raise BadRequest(
             f"input '{item.name}' has neither contents.{field} nor raw_input_contents; expected one"
         )
