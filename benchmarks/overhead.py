@@ -4,14 +4,15 @@
   v2 JSON body (benchmarks/bare_asgi.py);
 - digits demo model, one sample: bnserve with JSON and with binary tensors, and with JSON through
   the ASGI app (BNSERVE_HTTP_FAST_INFER=false: what the HTTP protocol's own infer path saves);
-  and the least any
-  Python server on this stack does for that JSON request (benchmarks/least_python.py: parse,
-  refuse NaN/Inf, run, encode; no other check, metric or log), which shows how much of the
-  ratio to the floor is the model's own work in Python and how much is bnserve's;
+  and the least any Python server on this stack does for that JSON request
+  (benchmarks/least_python.py: parse, refuse NaN/Inf, run, encode; no other check, metric or
+  log), which shows how much of the ratio to the floor is the model's own work in Python and
+  how much is bnserve's;
 - ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
-  tritonclient.http (and through http.client with a pre-encoded body) vs JSON; and the bare app
-  receiving the same 600 kB binary body: raw + that round trip is what any server on this
-  stack could answer in, with no work of its own (printed as the transport floor).
+  tritonclient.http (and through http.client with a pre-encoded body) vs JSON; the least-Python
+  server with the same binary body (its run on the event loop: no thread hop); and the bare
+  app receiving that 600 kB body: raw + that round trip is what any server on this stack
+  could answer in, with no work of its own (printed as the transport floor).
 
     python -m benchmarks.overhead [--rounds 7] [--repository artifacts/overhead]
 
@@ -26,12 +27,10 @@ by side), whose median is the verdict and whose min-max shows how far one round 
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from benchmarks.reference import BareServer, poster
 from benchmarks.resnet import export_benchmark_model
 from benchmarks.serving import binary_body, json_body, percentile, time_calls
-from service.launcher import ROOT, ServiceProcess, free_port
+from service.launcher import ROOT, ServiceProcess
 from service.runtime import SessionFactory
 
 
@@ -58,6 +58,7 @@ RATIOS = [
     Ratio("digits JSON / floor", "digits JSON", "floor (bare ASGI)", 1.6),
     Ratio("digits binary / floor", "digits binary", "floor (bare ASGI)", 1.6),
     Ratio("digits JSON, ASGI path / floor", "digits JSON, ASGI path", "floor (bare ASGI)", 1.6),
+    Ratio("least Python ResNet binary / raw", "least Python, ResNet binary", "ResNet raw", 1.05),
     Ratio("ResNet binary (tritonclient) / raw", "ResNet binary tritonclient", "ResNet raw", 1.05),
     Ratio("ResNet binary (http.client) / raw", "ResNet binary http.client", "ResNet raw", 1.05),
     Ratio("ResNet JSON / raw", "ResNet JSON", "ResNet raw", 1.25),
@@ -76,54 +77,6 @@ def digits_repository(repository: Path) -> Path:
             cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
     return repository
-
-
-class BareServer:
-    """benchmarks/bare_asgi.py (or another reference app taking --port) in a child process."""
-
-    def __init__(self, module: str = "benchmarks.bare_asgi", *arguments: str) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module, *arguments, "--port", str(self.port)],
-            cwd=ROOT, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                connection.request("GET", "/")
-                connection.getresponse().read()
-                connection.close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"{module} did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def poster(port: int, path: str, body: bytes, headers: dict) -> Callable[[], None]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-    def post() -> None:
-        for attempt in (1, 2):
-            try:
-                connection.request("POST", path, body=body, headers=headers)
-                response = connection.getresponse()
-                break
-            except (ConnectionError, http.client.RemoteDisconnected):
-                # uvicorn closes connections idle for 5 s (while other ways take their turn)
-                connection.close()
-                if attempt == 2:
-                    raise
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{path}: HTTP {response.status}")
-
-    return post
 
 
 def tritonclient_infer(port: int, model: str, x: np.ndarray, name: str) -> Callable[[], None]:
@@ -173,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
 
     bare = BareServer()
     least = BareServer("benchmarks.least_python", "--model", str(digits_model(repository)))
+    least_resnet = None
+    if not args.no_resnet:
+        least_resnet = BareServer("benchmarks.least_python", "--model", str(resnet / "model.onnx"))
     server = ServiceProcess(repository).wait_ready()
     asgi = ServiceProcess(repository, env={"BNSERVE_HTTP_FAST_INFER": "false"}).wait_ready()
     try:
@@ -197,11 +153,14 @@ def main(argv: list[str] | None = None) -> None:
             calls |= {
                 "floor (bare ASGI), 600 kB": poster(bare.port, path, *binary_body(x, name)),
                 "ResNet raw": lambda: session.run(None, {name: x}),
+                "least Python, ResNet binary": poster(
+                    least_resnet.port, path, *binary_body(x, name)
+                ),
                 "ResNet binary tritonclient": tritonclient_infer(server.port, "resnet18", x, name),
                 "ResNet binary http.client": poster(server.port, path, *binary_body(x, name)),
                 "ResNet JSON": poster(server.port, path, *json_body(x, name)),
             }
-            counts |= {way: args.large for way in calls if way.startswith("ResNet")}
+            counts |= {way: args.large for way in calls if "ResNet" in way}
             counts["floor (bare ASGI), 600 kB"] = args.small
         for call in calls.values():  # warm-up: first runs allocate, tune and fill caches
             for _ in range(5):
@@ -215,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         asgi.stop()
         least.stop()
         bare.stop()
+        if least_resnet is not None:
+            least_resnet.stop()
 
     results = {way: [t for block in blocks for t in block] for way, blocks in rounds.items()}
     print(f"\nPer-request overhead, one client, keep-alive, {os.cpu_count()} cores")

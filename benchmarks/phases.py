@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.overhead import digits_repository, poster
+from benchmarks.overhead import digits_repository
+from benchmarks.reference import poster
 from benchmarks.resnet import export_benchmark_model
 from benchmarks.serving import binary_body, json_body, time_calls
 from service.launcher import ROOT, ServiceProcess

@@ -14,6 +14,14 @@ socket and reads the answer on the calling thread (checked bit for bit against g
 client hands each answer through its own polling and completion-queue threads, ~0.25 ms per
 call on 2 cores, which is the client library's cost, not the service's. Blocks of the ways
 alternate round by round, so drift on a noisy machine hits them alike.
+
+Reference servers, with the same clients and bodies (--no-references skips them): the floors,
+the bare ASGI app (benchmarks.bare_asgi, uvicorn) and the bare gRPC server
+(benchmarks.bare_grpc, grpcio's asyncio server with bnserve's options), each receiving the
+request whole and answering a fixed body; and the least-Python server over each
+(benchmarks.least_python: parse, finiteness, the same session.run on the event loop, encode;
+nothing else). Their gRPC / REST ratios are what the two protocol stacks alone make of it,
+without bnserve; the last table sets them beside bnserve's, round by round.
 """
 
 from __future__ import annotations
@@ -31,11 +39,22 @@ import orjson
 
 from benchmarks.h2client import GrpcConnection
 from benchmarks.loadgen import GRPC_INFER, grpc_caller, grpc_request
+from benchmarks.reference import BareServer, poster
 from benchmarks.resnet import export_benchmark_model
 from service.launcher import ServiceProcess
 from service.runtime import SessionFactory
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+REST_FLOOR = "REST floor"
+GRPC_FLOOR = "gRPC floor"
+LEAST_REST = "least Py HTTP"
+LEAST_GRPC = "least Py gRPC"
+
+
+def grpc_listening(port: int) -> None:
+    GrpcConnection("127.0.0.1", port, timeout=2).close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=30, help="per block at batch 1")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--no-drift", action="store_true", help="skip the stat-drift column")
+    parser.add_argument("--no-references", action="store_true", help="skip the bare servers")
     args = parser.parse_args(argv)
 
     path = export_benchmark_model(args.repository, args.size)
@@ -93,48 +113,73 @@ def main(argv: list[str] | None = None) -> None:
     ways = ["raw session.run", "HTTP binary", "gRPC", "gRPC grpcio", "HTTP JSON"] + (
         [] if args.no_drift else ["stat-drift"]
     )
+    references = {} if args.no_references else start_references(path / "model.onnx")
+    ways += list(references)
     results = {(b, w): [] for b in batches for w in ways}
+    rounds = {(b, w): [] for b in batches for w in ways}  # each round's p50
 
-    with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
-        parts = urlsplit(server.url)
-        client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-        channel, grpc_call = grpc_caller(server.grpc_address)
-        bare = GrpcConnection("127.0.0.1", server.grpc_port)
-        infer_url = "/v2/models/resnet18/infer"
-        for batch in batches:
-            x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
-            bodies = {
-                "HTTP binary": binary_body(x, input_name),
-                "HTTP JSON": json_body(x, input_name),
+    try:
+        with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
+            parts = urlsplit(server.url)
+            client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            channel, grpc_call = grpc_caller(server.grpc_address)
+            bare = GrpcConnection("127.0.0.1", server.grpc_port)
+            to_reference = {
+                way: GrpcConnection("127.0.0.1", reference.port)
+                for way, reference in references.items()
+                if way in (GRPC_FLOOR, LEAST_GRPC)
             }
-            bodies["stat-drift"] = bodies["HTTP binary"]
+            infer_url = "/v2/models/resnet18/infer"
+            for batch in batches:
+                x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
+                bodies = {
+                    "HTTP binary": binary_body(x, input_name),
+                    "HTTP JSON": json_body(x, input_name),
+                }
+                bodies["stat-drift"] = bodies["HTTP binary"]
 
-            def post(way, bodies=bodies):
-                content, headers = bodies[way]
-                url = infer_url if way != "stat-drift" else "/v2/models/resnet18/stat-drift"
-                client.request("POST", url, body=content, headers=headers)
-                response = client.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"{url}: HTTP {response.status}")
+                def post(way, bodies=bodies):
+                    content, headers = bodies[way]
+                    url = infer_url if way != "stat-drift" else "/v2/models/resnet18/stat-drift"
+                    client.request("POST", url, body=content, headers=headers)
+                    response = client.getresponse()
+                    response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {response.status}")
 
-            calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
-            calls.update({way: (lambda way=way: post(way)) for way in ways[1:]})
-            message = grpc_request(x, input_name, "resnet18")
-            calls["gRPC"] = lambda message=message: bare.unary(GRPC_INFER, message, timeout=120)
-            calls["gRPC grpcio"] = lambda message=message: grpc_call(message, timeout=120)
-            if calls["gRPC"]() != calls["gRPC grpcio"]():
-                raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
-            for call in calls.values():  # warm-up: first runs allocate and tune
-                call()
-                call()
-            count = max(5, args.iterations // batch)
-            for _ in range(args.rounds):
-                for way in ways:
-                    results[(batch, way)].extend(time_calls(calls[way], count))
-        client.close()
-        channel.close()
-        bare.close()
+                calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
+                calls.update({w: (lambda w=w: post(w)) for w in bodies})
+                message = grpc_request(x, input_name, "resnet18")
+                calls["gRPC"] = lambda m=message: bare.unary(GRPC_INFER, m, timeout=120)
+                calls["gRPC grpcio"] = lambda m=message: grpc_call(m, timeout=120)
+                for way, reference in references.items():
+                    if way in to_reference:
+                        calls[way] = lambda c=to_reference[way], m=message: c.unary(
+                            GRPC_INFER, m, timeout=120
+                        )
+                    else:  # poster reconnects: uvicorn closes a connection idle for 5 s
+                        calls[way] = poster(reference.port, infer_url, *bodies["HTTP binary"])
+                if calls["gRPC"]() != calls["gRPC grpcio"]():
+                    raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
+                for way, call in calls.items():  # warm-up: first runs allocate and tune
+                    for _ in range(5 if way in references else 2):
+                        call()
+                count = max(5, args.iterations // batch)
+                for _ in range(args.rounds):
+                    for way in ways:
+                        if way in references:  # untimed: reconnects after the others' turns
+                            calls[way]()
+                        samples = time_calls(calls[way], count)
+                        results[(batch, way)].extend(samples)
+                        rounds[(batch, way)].append(statistics.median(samples))
+            client.close()
+            channel.close()
+            bare.close()
+            for connection in to_reference.values():
+                connection.close()
+    finally:
+        for reference in references.values():
+            reference.stop()
 
     print(
         f"\nResNet-18-sized CNN, {args.size}x{args.size}, ONNX Runtime CPU, {os.cpu_count()} cores"
@@ -153,6 +198,53 @@ def main(argv: list[str] | None = None) -> None:
                 f"{batch:>5} | {way:<16} | {percentile(samples, 50):8.2f} | "
                 f"{percentile(samples, 99):8.2f} | {p50 / raw:9.3f} | {p50 / binary:12.3f} | {len(samples)}"
             )
+
+    if references:
+        print_protocol_ratios(batches, rounds)
+
+
+def start_references(model: Path) -> dict[str, BareServer]:
+    """The floors and the least-Python servers, over HTTP and gRPC, started together."""
+    least = ("benchmarks.least_python", "--model", str(model))
+    started: dict[str, BareServer] = {}
+    try:
+        started[REST_FLOOR] = BareServer()
+        started[GRPC_FLOOR] = BareServer("benchmarks.bare_grpc", probe=grpc_listening)
+        started[LEAST_REST] = BareServer(*least)
+        started[LEAST_GRPC] = BareServer(*least, "--grpc", probe=grpc_listening)
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
+
+
+def print_protocol_ratios(batches: list[int], rounds: dict) -> None:
+    """gRPC / REST for bnserve and for the reference servers, round by round: the median of
+    the rounds' ratios and their min-max (how far one round can be trusted)."""
+
+    def cell(batch: int, way: str, reference: str) -> str:
+        ratios = [
+            a / b for a, b in zip(rounds[(batch, way)], rounds[(batch, reference)], strict=True)
+        ]
+        return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+
+    print("\ngRPC / REST p50, each round's ratio: median of rounds (min-max)")
+    columns = {
+        "bnserve gRPC / HTTP binary": ("gRPC", "HTTP binary"),
+        "bnserve grpcio / HTTP binary": ("gRPC grpcio", "HTTP binary"),
+        "least Python gRPC / HTTP": (LEAST_GRPC, LEAST_REST),
+        "floors gRPC / REST": (GRPC_FLOOR, REST_FLOOR),
+    }
+    print(f"{'batch':>5} | " + " | ".join(f"{c:<28}" for c in columns) + " | floor gap ms")
+    print("-" * 143)
+    for batch in batches:
+        cells = [cell(batch, way, reference) for way, reference in columns.values()]
+        gap = statistics.median(
+            a - b
+            for a, b in zip(rounds[(batch, GRPC_FLOOR)], rounds[(batch, REST_FLOOR)], strict=True)
+        )
+        print(f"{batch:>5} | " + " | ".join(f"{c:<28}" for c in cells) + f" | {gap * 1000:12.3f}")
 
 
 if __name__ == "__main__":

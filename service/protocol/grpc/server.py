@@ -16,6 +16,17 @@ log = logging.getLogger("bnserve.grpc")
 CORE_LIMIT_SLACK = 1024 * 1024
 
 
+def server_options(max_request_bytes: int, max_connections: int) -> list[tuple[str, int]]:
+    """grpcio's server options for bnserve (benchmarks.bare_grpc, the gRPC floor, uses them
+    too, so the floor's transport is bnserve's)."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes + CORE_LIMIT_SLACK),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_concurrent_streams", max_connections),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 class GrpcServer:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -23,12 +34,7 @@ class GrpcServer:
         host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6
         self.address = f"{host}:{settings.grpc_port}"
         self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.max_request_bytes + CORE_LIMIT_SLACK),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.max_concurrent_streams", settings.max_connections),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(settings.max_request_bytes, settings.max_connections)
         )
         self.server.add_generic_rpc_handlers((Servicer(plane).handlers(),))
         self._stopping: asyncio.Task | None = None
