@@ -1,7 +1,7 @@
 """The gRPC counterpart of benchmarks/bare_asgi.py: grpcio's asyncio server on uvloop, with
 bnserve's server options, that receives each ModelInfer message whole and answers a fixed
-ModelInferResponse (one 1x1000 FP32 output in raw_output_contents, the ResNet answer's size),
-nothing else.
+ModelInferResponse (ten FP32 logits in raw_output_contents, as the bare ASGI app answers ten
+in JSON), nothing else.
 
     python -m benchmarks.bare_grpc --port 8102
 
@@ -23,14 +23,14 @@ from service.config import Settings
 from service.protocol.grpc.server import server_options
 
 SERVICE = "inference.GRPCInferenceService"
-OUTPUTS = 1000
+OUTPUTS = 10
 
 
 def fixed_response() -> bytes:
     from tritonclient.grpc import service_pb2
 
-    response = service_pb2.ModelInferResponse(model_name="resnet18", model_version="1")
-    response.outputs.add(name="output", datatype="FP32", shape=[1, OUTPUTS])
+    response = service_pb2.ModelInferResponse(model_name="digits", model_version="1")
+    response.outputs.add(name="logits", datatype="FP32", shape=[1, OUTPUTS])
     response.raw_output_contents.append(bytes(4 * OUTPUTS))
     return response.SerializeToString()
 

@@ -27,6 +27,7 @@ by side), whose median is the verdict and whose min-max shows how far one round 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -124,14 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     tensor = orjson.loads(sample.read_bytes())["inputs"][0]
     digit = np.array(tensor["data"][:64], np.float32).reshape(1, 1, 8, 8)
 
-    bare = BareServer()
-    least = BareServer("benchmarks.least_python", "--model", str(digits_model(repository)))
-    least_resnet = None
-    if not args.no_resnet:
-        least_resnet = BareServer("benchmarks.least_python", "--model", str(resnet / "model.onnx"))
-    server = ServiceProcess(repository).wait_ready()
-    asgi = ServiceProcess(repository, env={"BNSERVE_HTTP_FAST_INFER": "false"}).wait_ready()
-    try:
+    with contextlib.ExitStack() as started:  # each process stops, whatever fails after it
+        least_model = ("benchmarks.least_python", "--model")
+        bare = started.enter_context(BareServer())
+        least = started.enter_context(BareServer(*least_model, str(digits_model(repository))))
+        if not args.no_resnet:
+            least_resnet = started.enter_context(
+                BareServer(*least_model, str(resnet / "model.onnx"))
+            )
+        server = started.enter_context(ServiceProcess(repository))
+        asgi = started.enter_context(
+            ServiceProcess(repository, env={"BNSERVE_HTTP_FAST_INFER": "false"})
+        )
         digits_path = "/v2/models/digits/infer"
         calls: dict[str, Callable[[], None]] = {
             "floor (bare ASGI)": poster(bare.port, digits_path, *json_body(digit, "images")),
@@ -169,13 +174,6 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for way, call in calls.items():
                 rounds[way].append(time_block(call, counts[way]))
-    finally:
-        server.stop()
-        asgi.stop()
-        least.stop()
-        bare.stop()
-        if least_resnet is not None:
-            least_resnet.stop()
 
     results = {way: [t for block in blocks for t in block] for way, blocks in rounds.items()}
     print(f"\nPer-request overhead, one client, keep-alive, {os.cpu_count()} cores")

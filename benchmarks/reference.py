@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from benchmarks.h2client import GrpcConnection
 from service.launcher import ROOT, free_port
 
 
@@ -34,12 +35,28 @@ class BareServer:
                 return
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
                     raise RuntimeError(f"{module} did not start") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> BareServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def grpc_listening(port: int) -> None:
+    """A probe for a gRPC reference: its port takes connections."""
+    GrpcConnection("127.0.0.1", port, timeout=2).close()
 
 
 def http_get(port: int) -> None:

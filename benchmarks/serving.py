@@ -4,8 +4,8 @@ the stat-drift endpoint), on a ResNet-18-sized CNN at 224x224, batch 1 and 8. Pr
 
     python -m benchmarks.serving [--repository artifacts/bench] [--rounds 3]
 
-The service runs as a real `python -m service` process on 127.0.0.1. The client keeps one
-connection open and sends bodies encoded in advance, so the figures are the service's cost
+The service runs as a real `python -m service` process on 127.0.0.1. The client keeps a
+connection open per way and sends bodies encoded in advance, so the figures are the service's cost
 (transport, parsing, validation, run, encoding), not the client library's: it is the standard
 library's http.client (httpx alone adds 0.5-3 ms to a 600 kB request here); over gRPC its
 counterpart, benchmarks.h2client, writes the serialized ModelInferRequest's HTTP/2 frames to the
@@ -13,7 +13,8 @@ socket and reads the answer on the calling thread (checked bit for bit against g
 "gRPC grpcio" row sends the same bytes through a grpcio channel, as tritonclient does: grpcio's
 client hands each answer through its own polling and completion-queue threads, ~0.25 ms per
 call on 2 cores, which is the client library's cost, not the service's. Blocks of the ways
-alternate round by round, so drift on a noisy machine hits them alike.
+take turns round by round, every other round in reverse order, each block after one untimed
+call, so drift on a noisy machine hits them alike.
 
 Reference servers, with the same clients and bodies (--no-references skips them): the floors,
 the bare ASGI app (benchmarks.bare_asgi, uvicorn) and the bare gRPC server
@@ -27,7 +28,6 @@ without bnserve; the last table sets them beside bnserve's, round by round.
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import statistics
 import time
@@ -39,7 +39,7 @@ import orjson
 
 from benchmarks.h2client import GrpcConnection
 from benchmarks.loadgen import GRPC_INFER, grpc_caller, grpc_request
-from benchmarks.reference import BareServer, poster
+from benchmarks.reference import BareServer, grpc_listening, poster
 from benchmarks.resnet import export_benchmark_model
 from service.launcher import ServiceProcess
 from service.runtime import SessionFactory
@@ -51,10 +51,6 @@ REST_FLOOR = "REST floor"
 GRPC_FLOOR = "gRPC floor"
 LEAST_REST = "least Py HTTP"
 LEAST_GRPC = "least Py gRPC"
-
-
-def grpc_listening(port: int) -> None:
-    GrpcConnection("127.0.0.1", port, timeout=2).close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
-            parts = urlsplit(server.url)
-            client = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            port = urlsplit(server.url).port
             channel, grpc_call = grpc_caller(server.grpc_address)
             bare = GrpcConnection("127.0.0.1", server.grpc_port)
             to_reference = {
@@ -130,53 +125,46 @@ def main(argv: list[str] | None = None) -> None:
                 if way in (GRPC_FLOOR, LEAST_GRPC)
             }
             infer_url = "/v2/models/resnet18/infer"
-            for batch in batches:
-                x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
-                bodies = {
-                    "HTTP binary": binary_body(x, input_name),
-                    "HTTP JSON": json_body(x, input_name),
-                }
-                bodies["stat-drift"] = bodies["HTTP binary"]
-
-                def post(way, bodies=bodies):
-                    content, headers = bodies[way]
-                    url = infer_url if way != "stat-drift" else "/v2/models/resnet18/stat-drift"
-                    client.request("POST", url, body=content, headers=headers)
-                    response = client.getresponse()
-                    response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"{url}: HTTP {response.status}")
-
-                calls = {"raw session.run": lambda x=x: session.run(None, {input_name: x})}
-                calls.update({w: (lambda w=w: post(w)) for w in bodies})
-                message = grpc_request(x, input_name, "resnet18")
-                calls["gRPC"] = lambda m=message: bare.unary(GRPC_INFER, m, timeout=120)
-                calls["gRPC grpcio"] = lambda m=message: grpc_call(m, timeout=120)
-                for way, reference in references.items():
-                    if way in to_reference:
-                        calls[way] = lambda c=to_reference[way], m=message: c.unary(
-                            GRPC_INFER, m, timeout=120
-                        )
-                    else:  # poster reconnects: uvicorn closes a connection idle for 5 s
-                        calls[way] = poster(reference.port, infer_url, *bodies["HTTP binary"])
-                if calls["gRPC"]() != calls["gRPC grpcio"]():
-                    raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
-                for way, call in calls.items():  # warm-up: first runs allocate and tune
-                    for _ in range(5 if way in references else 2):
-                        call()
-                count = max(5, args.iterations // batch)
-                for _ in range(args.rounds):
-                    for way in ways:
-                        if way in references:  # untimed: reconnects after the others' turns
+            drift_url = "/v2/models/resnet18/stat-drift"
+            try:
+                for batch in batches:
+                    x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
+                    binary, as_json = binary_body(x, input_name), json_body(x, input_name)
+                    message = grpc_request(x, input_name, "resnet18")
+                    # (posters reconnect: uvicorn closes a connection idle for 5 s)
+                    calls = {
+                        "raw session.run": lambda x=x: session.run(None, {input_name: x}),
+                        "HTTP binary": poster(port, infer_url, *binary),
+                        "gRPC": lambda m=message: bare.unary(GRPC_INFER, m, timeout=120),
+                        "gRPC grpcio": lambda m=message: grpc_call(m, timeout=120),
+                        "HTTP JSON": poster(port, infer_url, *as_json),
+                        "stat-drift": poster(port, drift_url, *binary),
+                    }
+                    for way, reference in references.items():
+                        if way in to_reference:
+                            calls[way] = lambda c=to_reference[way], m=message: c.unary(
+                                GRPC_INFER, m, timeout=120
+                            )
+                        else:
+                            calls[way] = poster(reference.port, infer_url, *binary)
+                    if calls["gRPC"]() != calls["gRPC grpcio"]():
+                        raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
+                    for way in ways:  # warm-up: first runs allocate and tune
+                        for _ in range(3):
                             calls[way]()
-                        samples = time_calls(calls[way], count)
-                        results[(batch, way)].extend(samples)
-                        rounds[(batch, way)].append(statistics.median(samples))
-            client.close()
-            channel.close()
-            bare.close()
-            for connection in to_reference.values():
-                connection.close()
+                    count = max(5, args.iterations // batch)
+                    for round_ in range(args.rounds):
+                        # every other round in reverse: no way always follows the same one
+                        for way in ways if round_ % 2 == 0 else ways[::-1]:
+                            calls[way]()  # untimed: reconnects after the others' turns
+                            samples = time_calls(calls[way], count)
+                            results[(batch, way)].extend(samples)
+                            rounds[(batch, way)].append(statistics.median(samples))
+            finally:
+                channel.close()
+                bare.close()
+                for connection in to_reference.values():
+                    connection.close()
     finally:
         for reference in references.values():
             reference.stop()
