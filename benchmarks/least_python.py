@@ -1,5 +1,5 @@
-"""The least work any Python server on this stack does for a v2 request: a second floor for
-benchmarks.overhead, between the bare ASGI app (no work) and bnserve (all its checks).
+"""A server doing only a v2 request's own work, with none of bnserve's checks: a second floor
+for the benchmarks, between the bare apps (no work) and bnserve (all its checks).
 
     python -m benchmarks.least_python --model artifacts/overhead/digits/1/model.onnx --port 8101
 
@@ -17,9 +17,9 @@ well-formed float32 requests for a one-input model.
 answers ModelInfer over gRPC instead, on the same grpcio server as benchmarks.bare_grpc
 (bnserve's options): parse the message as bnserve does (the first raw_input_contents a view
 of the received bytes, as the HTTP mode's tensor is of the body), refuse NaN/Inf, run on the
-event loop, answer the first output in raw_output_contents. The HTTP mode goes through
-uvicorn's ASGI cycle (~25-70 µs here), which bnserve's HTTP protocol path skips. Beside the HTTP one it shows what the two protocol stacks alone make of
-gRPC / REST for a model's whole request.
+event loop, answer the first output in raw_output_contents. Beside the HTTP mode it shows
+what the two protocol stacks alone make of gRPC / REST for a model's whole request. (The HTTP
+mode goes through uvicorn's ASGI cycle, ~25-70 µs here, which bnserve's HTTP path skips.)
 """
 
 from __future__ import annotations

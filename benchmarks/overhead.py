@@ -4,9 +4,9 @@
   v2 JSON body (benchmarks/bare_asgi.py);
 - digits demo model, one sample: bnserve with JSON and with binary tensors, and with JSON through
   the ASGI app (BNSERVE_HTTP_FAST_INFER=false: what the HTTP protocol's own infer path saves);
-  and the least any Python server on this stack does for that JSON request
-  (benchmarks/least_python.py: parse, refuse NaN/Inf, run, encode; no other check, metric or
-  log), which shows how much of the ratio to the floor is the model's own work in Python and
+  and a server doing only that JSON request's own work (benchmarks/least_python.py: parse,
+  refuse NaN/Inf, run, encode; no other check, metric or log; through uvicorn's ASGI cycle,
+  which bnserve's HTTP path skips), which shows how much of the ratio to the floor is the model's own work in Python and
   how much is bnserve's;
 - ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
   tritonclient.http (and through http.client with a pre-encoded body) vs JSON; the least-Python

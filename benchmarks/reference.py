@@ -38,6 +38,9 @@ class BareServer:
                     self.stop()
                     raise RuntimeError(f"{module} did not start") from None
                 time.sleep(0.1)
+            except BaseException:  # a probe's other error, or Ctrl-C: no child left behind
+                self.stop()
+                raise
 
     def stop(self) -> None:
         self.process.terminate()
