@@ -6,8 +6,8 @@
   the ASGI app (BNSERVE_HTTP_FAST_INFER=false: what the HTTP protocol's own infer path saves);
   and a server doing only that JSON request's own work (benchmarks/least_python.py: parse,
   refuse NaN/Inf, run, encode; no other check, metric or log; through uvicorn's ASGI cycle,
-  which bnserve's HTTP path skips), which shows how much of the ratio to the floor is the model's own work in Python and
-  how much is bnserve's;
+  which bnserve's HTTP path skips), which shows how much of the ratio to the floor is the
+  model's own work in Python and how much is bnserve's;
 - ResNet-18-sized CNN, batch 1: in-process session.run vs bnserve with binary tensors through
   tritonclient.http (and through http.client with a pre-encoded body) vs JSON; the least-Python
   server with the same binary body (its run on the event loop: no thread hop); and the bare
@@ -41,7 +41,7 @@ import orjson
 
 from benchmarks.reference import BareServer, poster
 from benchmarks.resnet import export_benchmark_model
-from benchmarks.serving import binary_body, json_body, percentile, time_calls
+from benchmarks.serving import binary_body, json_body, percentile, time_block
 from service.launcher import ROOT, ServiceProcess
 from service.runtime import SessionFactory
 
@@ -90,25 +90,6 @@ def tritonclient_infer(port: int, model: str, x: np.ndarray, name: str) -> Calla
     return lambda: client.infer(model, [tensor], outputs=[output]).as_numpy("output")
 
 
-def binary_body_for(x: np.ndarray, name: str, output: str) -> tuple[bytes, dict]:
-    header = orjson.dumps(
-        {
-            "inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                        "parameters": {"binary_data_size": x.nbytes}}],
-            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
-        }
-    )  # fmt: skip
-    return header + x.tobytes(), {"inference-header-content-length": str(len(header))}
-
-
-def time_block(call: Callable[[], None], count: int) -> list[float]:
-    try:  # untimed: reopens a connection the server closed while other ways ran
-        call()
-    except Exception:
-        call()
-    return time_calls(call, count)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "overhead")
@@ -145,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             "digits JSON": poster(server.port, digits_path, *json_body(digit, "images")),
             "digits binary": poster(
-                server.port, digits_path, *binary_body_for(digit, "images", "logits")
+                server.port, digits_path, *binary_body(digit, "images", "logits")
             ),
             "digits JSON, ASGI path": poster(asgi.port, digits_path, *json_body(digit, "images")),
         }
