@@ -28,6 +28,7 @@ without bnserve; the last table sets them beside bnserve's, round by round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -119,64 +120,58 @@ def main(argv: list[str] | None = None) -> None:
     ways = ["raw session.run", "HTTP binary", "gRPC", "gRPC grpcio", "HTTP JSON"] + (
         [] if args.no_drift else ["stat-drift"]
     )
-    references = {} if args.no_references else start_references(path / "model.onnx")
-    ways += list(references)
-    results = {(b, w): [] for b in batches for w in ways}
-    rounds = {(b, w): [] for b in batches for w in ways}  # each round's p50
-
-    try:
-        with ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"}) as server:
-            port = urlsplit(server.url).port
-            channel, grpc_call = grpc_caller(server.grpc_address)
-            bare = GrpcConnection("127.0.0.1", server.grpc_port)
-            to_reference = {
-                way: GrpcConnection("127.0.0.1", reference.port)
-                for way, reference in references.items()
-                if way in (GRPC_FLOOR, LEAST_GRPC)
+    with contextlib.ExitStack() as opened:  # each process and connection closes, whatever fails
+        references = {} if args.no_references else start_references(opened, path / "model.onnx")
+        ways += list(references)
+        results = {(b, w): [] for b in batches for w in ways}
+        rounds = {(b, w): [] for b in batches for w in ways}  # each round's p50
+        server = opened.enter_context(
+            ServiceProcess(args.repository, env={"BNSERVE_LOG_LEVEL": "warning"})
+        )
+        port = urlsplit(server.url).port
+        channel, grpc_call = grpc_caller(server.grpc_address)
+        opened.callback(channel.close)
+        bare = GrpcConnection("127.0.0.1", server.grpc_port)
+        opened.callback(bare.close)
+        to_reference = {}
+        for way in (GRPC_FLOOR, LEAST_GRPC):
+            if way in references:
+                to_reference[way] = GrpcConnection("127.0.0.1", references[way].port)
+                opened.callback(to_reference[way].close)
+        infer_url = "/v2/models/resnet18/infer"
+        drift_url = "/v2/models/resnet18/stat-drift"
+        for batch in batches:
+            x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
+            binary, as_json = binary_body(x, input_name), json_body(x, input_name)
+            message = grpc_request(x, input_name, "resnet18")
+            # (posters reconnect: uvicorn closes a connection idle for 5 s)
+            calls = {
+                "raw session.run": lambda x=x: session.run(None, {input_name: x}),
+                "HTTP binary": poster(port, infer_url, *binary),
+                "gRPC": lambda m=message: bare.unary(GRPC_INFER, m, timeout=120),
+                "gRPC grpcio": lambda m=message: grpc_call(m, timeout=120),
+                "HTTP JSON": poster(port, infer_url, *as_json),
+                "stat-drift": poster(port, drift_url, *binary),
             }
-            infer_url = "/v2/models/resnet18/infer"
-            drift_url = "/v2/models/resnet18/stat-drift"
-            try:
-                for batch in batches:
-                    x = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
-                    binary, as_json = binary_body(x, input_name), json_body(x, input_name)
-                    message = grpc_request(x, input_name, "resnet18")
-                    # (posters reconnect: uvicorn closes a connection idle for 5 s)
-                    calls = {
-                        "raw session.run": lambda x=x: session.run(None, {input_name: x}),
-                        "HTTP binary": poster(port, infer_url, *binary),
-                        "gRPC": lambda m=message: bare.unary(GRPC_INFER, m, timeout=120),
-                        "gRPC grpcio": lambda m=message: grpc_call(m, timeout=120),
-                        "HTTP JSON": poster(port, infer_url, *as_json),
-                        "stat-drift": poster(port, drift_url, *binary),
-                    }
-                    for way, reference in references.items():
-                        if way in to_reference:
-                            calls[way] = lambda c=to_reference[way], m=message: c.unary(
-                                GRPC_INFER, m, timeout=120
-                            )
-                        else:
-                            calls[way] = poster(reference.port, infer_url, *binary)
-                    if calls["gRPC"]() != calls["gRPC grpcio"]():
-                        raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
-                    for way in ways:  # warm-up: first runs allocate and tune
-                        for _ in range(3):
-                            calls[way]()
-                    count = max(5, args.iterations // batch)
-                    for round_ in range(args.rounds):
-                        # every other round in reverse: no way always follows the same one
-                        for way in ways if round_ % 2 == 0 else ways[::-1]:
-                            samples = time_block(calls[way], count)
-                            results[(batch, way)].extend(samples)
-                            rounds[(batch, way)].append(statistics.median(samples))
-            finally:
-                channel.close()
-                bare.close()
-                for connection in to_reference.values():
-                    connection.close()
-    finally:
-        for reference in references.values():
-            reference.stop()
+            for way, reference in references.items():
+                if way in to_reference:
+                    calls[way] = lambda c=to_reference[way], m=message: c.unary(
+                        GRPC_INFER, m, timeout=120
+                    )
+                else:
+                    calls[way] = poster(reference.port, infer_url, *binary)
+            if calls["gRPC"]() != calls["gRPC grpcio"]():
+                raise RuntimeError("the bare gRPC client's answer differs from grpcio's")
+            for way in ways:  # warm-up: first runs allocate and tune
+                for _ in range(3):
+                    calls[way]()
+            count = max(5, args.iterations // batch)
+            for round_ in range(args.rounds):
+                # every other round in reverse: no way always follows the same one
+                for way in ways if round_ % 2 == 0 else ways[::-1]:
+                    samples = time_block(calls[way], count)
+                    results[(batch, way)].extend(samples)
+                    rounds[(batch, way)].append(statistics.median(samples))
 
     print(
         f"\nResNet-18-sized CNN, {args.size}x{args.size}, ONNX Runtime CPU, {os.cpu_count()} cores"
@@ -200,20 +195,15 @@ def main(argv: list[str] | None = None) -> None:
         print_protocol_ratios(batches, rounds)
 
 
-def start_references(model: Path) -> dict[str, BareServer]:
-    """The floors and the least-Python servers, over HTTP and gRPC, started together."""
+def start_references(opened: contextlib.ExitStack, model: Path) -> dict[str, BareServer]:
+    """The floors and the least-Python servers, over HTTP and gRPC, each stopped with `opened`."""
     least = ("benchmarks.least_python", "--model", str(model))
-    started: dict[str, BareServer] = {}
-    try:
-        started[REST_FLOOR] = BareServer()
-        started[GRPC_FLOOR] = BareServer("benchmarks.bare_grpc", probe=grpc_listening)
-        started[LEAST_REST] = BareServer(*least)
-        started[LEAST_GRPC] = BareServer(*least, "--grpc", probe=grpc_listening)
-    except BaseException:
-        for server in started.values():
-            server.stop()
-        raise
-    return started
+    return {
+        REST_FLOOR: opened.enter_context(BareServer()),
+        GRPC_FLOOR: opened.enter_context(BareServer("benchmarks.bare_grpc", probe=grpc_listening)),
+        LEAST_REST: opened.enter_context(BareServer(*least)),
+        LEAST_GRPC: opened.enter_context(BareServer(*least, "--grpc", probe=grpc_listening)),
+    }
 
 
 def print_protocol_ratios(batches: list[int], rounds: dict) -> None:
